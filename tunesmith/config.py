@@ -1,0 +1,315 @@
+"""Run configuration: dataclass sections, read from YAML plus `dotted.key=value` overrides.
+
+Every problem in a config (unknown keys, wrong types, values out of range) is collected and
+reported together in one `TunesmithError`, before any model or data is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tunesmith.errors import TunesmithError
+
+METHODS = ("sft", "pretrain")
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"doc": text}
+
+
+@dataclass(kw_only=True)
+class LoadConfig:
+    """How the model is loaded."""
+
+    trust_remote_code: bool = field(default=False, metadata=_doc("run Python code shipped with a hub model; off unless you trust it"))
+    allow_pickle: bool = field(default=False, metadata=_doc("accept pickle `.bin` weights (they can run code when loaded); safetensors only otherwise"))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata=_doc("auto = float32 on CPU, bfloat16 on CUDA"))
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = field(default="sdpa", metadata=_doc("attention kernel; packing stays block-diagonal on each"))
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the data is and how it is read."""
+
+    train: str | None = field(default=None, metadata=_doc("training data: .jsonl/.json/.csv/.parquet file, a saved HF dataset folder, or a hub dataset name"))
+    eval: str | None = field(default=None, metadata=_doc("held-out data for eval loss and perplexity, same formats as `train`"))
+    format: Literal["auto", "text", "prompt_completion", "messages", "alpaca", "sharegpt"] = field(default="auto", metadata=_doc("data format; auto detects it from the fields"))
+    overflow: Literal["truncate", "drop"] = field(default="truncate", metadata=_doc("what to do with samples longer than train.max_length"))
+    split: str = field(default="train", metadata=_doc("split to read from an HF dataset"))
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    """LoRA adapter settings (`lora: null` trains all weights instead)."""
+
+    r: int = field(default=16, metadata=_doc("adapter rank"))
+    alpha: float = field(default=32, metadata=_doc("scaling numerator: the update is scaled by alpha / r"))
+    dropout: float = field(default=0.05, metadata=_doc("dropout on the adapter input"))
+    target_modules: list[str] | str = field(default="all-linear", metadata=_doc("module names to adapt, or 'all-linear'"))
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The training loop."""
+
+    max_steps: int | None = field(default=None, metadata=_doc("optimizer steps; overrides epochs when set"))
+    epochs: float = field(default=1, metadata=_doc("passes over the training data when max_steps is not set"))
+    batch_size: int = field(default=8, metadata=_doc("rows per micro-batch on each rank"))
+    grad_accum: int = field(default=1, metadata=_doc("micro-batches accumulated per optimizer step"))
+    lr: float = field(default=2e-4, metadata=_doc("peak learning rate"))
+    weight_decay: float = field(default=0.0, metadata=_doc("AdamW decoupled weight decay"))
+    warmup_ratio: float = field(default=0.05, metadata=_doc("fraction of steps with linear warm-up before the cosine decay"))
+    min_lr_ratio: float = field(default=0.1, metadata=_doc("the cosine decays to lr * min_lr_ratio"))
+    max_grad_norm: float | None = field(default=1.0, metadata=_doc("clip the global gradient norm to this; null turns clipping off"))
+    max_length: int = field(default=1024, metadata=_doc("tokens per row (and the longest sample kept whole)"))
+    packing: bool = field(default=True, metadata=_doc("fill rows with whole documents that never attend to each other"))
+    seed: int = field(default=42, metadata=_doc("seed for data order, initialisation and dropout"))
+    eval_every: int = field(default=50, metadata=_doc("steps between eval-loss passes on data.eval (0 = only at the end)"))
+    save_every: int = field(default=100, metadata=_doc("steps between checkpoints (0 = only at the end)"))
+    keep_checkpoints: int = field(default=2, metadata=_doc("how many of the newest checkpoints to keep"))
+    log_every: int = field(default=1, metadata=_doc("steps between metric lines"))
+    gradient_checkpointing: bool = field(default=False, metadata=_doc("recompute activations in backward to save memory"))
+
+
+@dataclass(kw_only=True)
+class OutputConfig:
+    """What the run writes at the end."""
+
+    merge: bool = field(default=True, metadata=_doc("also save the LoRA adapter merged into the base as a plain HF model"))
+    save_adapter: bool = field(default=True, metadata=_doc("save the LoRA adapter in PEFT format"))
+
+
+@dataclass(kw_only=True)
+class Config:
+    """One fine-tuning run."""
+
+    method: Literal["sft", "pretrain"] = field(default="sft", metadata=_doc("sft (prompt -> response, chats) or pretrain (plain domain text)"))
+    model: str = field(default="default", metadata=_doc("local HF folder, hub id, .gguf file, or 'default' (SmolLM2-135M-Instruct)"))
+    output_dir: str = field(default="runs/run", metadata=_doc("run folder: checkpoints, outputs, metrics, logs"))
+    data: DataConfig = field(default_factory=DataConfig, metadata=_doc("data section"))
+    lora: LoraConfig | None = field(default_factory=LoraConfig, metadata=_doc("LoRA section; null = full fine-tuning"))
+    train: TrainConfig = field(default_factory=TrainConfig, metadata=_doc("training loop section"))
+    load: LoadConfig = field(default_factory=LoadConfig, metadata=_doc("model loading section"))
+    output: OutputConfig = field(default_factory=OutputConfig, metadata=_doc("outputs section"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain data, as saved in the run folder."""
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- building from plain data
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Convert `value` to type `tp`, appending a message to `problems` when it cannot be."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            trial: list[str] = []
+            out = _coerce(value, arg, where, trial)
+            if not trial:
+                return out
+        problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return None
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            problems.append(f"{where}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+            return None
+        return [_coerce(v, item_tp, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a section (mapping of keys), got {value!r}")
+            return None
+        return _build(tp, value, where, problems)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `2e-4` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return None
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            known = ", ".join(sorted(names))
+            problems.append(f"{where}: unknown key (known keys here: {known})")
+            continue
+        kwargs[key] = _coerce(value, hints[key], where, problems)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # only reachable through earlier problems
+        problems.append(f"{prefix or 'config'}: {exc}")
+        return cls()
+
+
+def _check(cfg: Config, problems: list[str]) -> None:
+    """Value checks that types alone cannot express."""
+    t = cfg.train
+    positive = {
+        "train.batch_size": t.batch_size,
+        "train.grad_accum": t.grad_accum,
+        "train.max_length": t.max_length,
+        "train.keep_checkpoints": t.keep_checkpoints,
+        "train.log_every": t.log_every,
+    }
+    for where, value in positive.items():
+        if isinstance(value, int) and value < 1:
+            problems.append(f"{where}: must be at least 1, got {value}")
+    if t.max_steps is not None and t.max_steps < 1:
+        problems.append(f"train.max_steps: must be at least 1 (or null to use train.epochs), got {t.max_steps}")
+    if isinstance(t.epochs, float) and t.epochs <= 0:
+        problems.append(f"train.epochs: must be positive, got {t.epochs}")
+    if isinstance(t.lr, float) and t.lr <= 0:
+        problems.append(f"train.lr: must be positive, got {t.lr}")
+    if isinstance(t.warmup_ratio, float) and not 0 <= t.warmup_ratio < 1:
+        problems.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    if isinstance(t.min_lr_ratio, float) and not 0 <= t.min_lr_ratio <= 1:
+        problems.append(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
+    for where, value in (("train.eval_every", t.eval_every), ("train.save_every", t.save_every)):
+        if isinstance(value, int) and value < 0:
+            problems.append(f"{where}: must be 0 or more, got {value}")
+    if cfg.lora is not None:
+        if isinstance(cfg.lora.r, int) and cfg.lora.r < 1:
+            problems.append(f"lora.r: must be at least 1, got {cfg.lora.r}")
+        if isinstance(cfg.lora.dropout, float) and not 0 <= cfg.lora.dropout < 1:
+            problems.append(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    if not cfg.data.train:
+        problems.append("data.train: required; give the training data file (e.g. data.train=train.jsonl)")
+    if not cfg.model:
+        problems.append("model: required; a local folder, a hub id, a .gguf file or 'default'")
+    if not cfg.output_dir:
+        problems.append("output_dir: required; the folder the run writes to")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split `a.b=value` into its key path and a YAML-parsed value."""
+    if "=" not in item:
+        raise TunesmithError(f"override {item!r}: expected key=value, for example train.lr=1e-4")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise TunesmithError(f"override {item!r}: the key before '=' is empty")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `dotted.key=value` overrides to a plain config mapping."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a mapping, with clear errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise TunesmithError(f"config file {str(p)!r} not found; give the path of a YAML file (see configs/ for examples)")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise TunesmithError(f"config file {str(p)!r}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise TunesmithError(f"config file {str(p)!r}: expected a mapping of keys at the top, got {type(raw).__name__}")
+    return raw
+
+
+def build_config(raw: dict[str, Any]) -> Config:
+    """Turn a plain mapping into a checked Config; all problems are raised together."""
+    problems: list[str] = []
+    cfg = _build(Config, raw, "", problems)
+    if not problems:
+        _check(cfg, problems)
+    if problems:
+        raise TunesmithError(f"invalid config ({len(problems)} problem{'s' if len(problems) > 1 else ''}):", problems=problems)
+    return cfg
+
+
+def load_config(source: Config | dict[str, Any] | str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a Config from a YAML path, a mapping or a Config, then apply overrides."""
+    if isinstance(source, Config):
+        raw = source.to_dict()
+    elif isinstance(source, dict):
+        raw = _deepcopy(source)
+    else:
+        raw = read_yaml(source)
+    return build_config(apply_overrides(raw, list(overrides or [])))
+
+
+def _deepcopy(raw: dict[str, Any]) -> dict[str, Any]:
+    return yaml.safe_load(yaml.safe_dump(raw))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
