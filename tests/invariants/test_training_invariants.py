@@ -1,0 +1,114 @@
+"""Equalities the loop must keep: accumulation ≡ larger batch, 2 ranks ≡ 1 rank, resume ≡ uninterrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import tunesmith
+from tests.helpers import final_weights, run_config, write_chat
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _assert_close(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"})
+    return env
+
+
+def test_accumulation_equals_larger_batch(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = write_chat(tmp_path, 24)
+    runs = {}
+    for name, batch, accum in (("big", 8, 1), ("accum", 2, 4)):
+        cfg = run_config(tiny_model_dir, data, tmp_path / name, max_steps=4, batch_size=batch, grad_accum=accum,
+                         lr=1e-3, max_length=64)
+        cfg["lora"] = None
+        tunesmith.train(cfg)
+        runs[name] = final_weights(tmp_path / name)
+    _assert_close(runs["big"], runs["accum"], atol=1e-5)
+    moved = final_weights(tmp_path / "big")
+    assert any(not torch.equal(v, runs["accum"][k]) or v.abs().sum() > 0 for k, v in moved.items())
+
+
+def test_two_ranks_equal_one_rank(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = write_chat(tmp_path, 24)
+    one = run_config(tiny_model_dir, data, tmp_path / "one", max_steps=4, batch_size=8, lr=1e-3, max_length=64)
+    two = run_config(tiny_model_dir, data, tmp_path / "two", max_steps=4, batch_size=4, lr=1e-3, max_length=64)
+    for cfg in (one, two):
+        cfg["lora"]["dropout"] = 0.0
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
+    tunesmith.train(one)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "tunesmith.cli", "train", str(tmp_path / "two.yaml")]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_close(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), atol=1e-5)
+
+
+def _train_cmd(cfg_path: Path) -> list[str]:
+    return [sys.executable, "-m", "tunesmith.cli", "train", str(cfg_path)]
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = write_chat(tmp_path, 48)
+    configs = {}
+    for name in ("straight", "killed"):
+        cfg = run_config(tiny_model_dir, data, tmp_path / name, max_steps=40, batch_size=8, lr=2e-3,
+                         max_length=256, save_every=2, keep_checkpoints=2)
+        cfg["lora"]["dropout"] = 0.1  # dropout draws random numbers: resume must restore the generators
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump(cfg))
+
+    straight = subprocess.run(_train_cmd(configs["straight"]), env=_env(), capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    proc = subprocess.Popen(_train_cmd(configs["killed"]), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    target = tmp_path / "killed/checkpoints/step-0000006/checkpoint.json"
+    deadline = time.time() + 300
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed/summary.json").exists(), "the run finished before it could be killed"
+
+    resumed = subprocess.run(_train_cmd(configs["killed"]), env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((tmp_path / "killed/summary.json").read_text())
+    assert summary["resumed_from"] >= 6 and summary["steps"] == 40
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    steps = [json.loads(x)["step"] for x in (tmp_path / "killed/metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) == 40
+
+
+@pytest.mark.parametrize("junk", ["tmp", "no_manifest"])
+def test_half_written_checkpoint_is_ignored(tmp_path: Path, tiny_model_dir: Path, junk: str) -> None:
+    data = write_chat(tmp_path, 16)
+    cfg = run_config(tiny_model_dir, data, tmp_path / "run", max_steps=4, save_every=2)
+    tunesmith.train(cfg)
+    (tmp_path / "run/summary.json").unlink()
+    ckpts = tmp_path / "run/checkpoints"
+    bogus = ckpts / (".tmp-step-0000003" if junk == "tmp" else "step-0000003")
+    bogus.mkdir()
+    (bogus / "trainable.safetensors").write_bytes(b"garbage")
+    result = tunesmith.train(cfg)
+    assert result.loop.resumed_from == 2

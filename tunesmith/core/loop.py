@@ -1,0 +1,254 @@
+"""The one training loop every method runs.
+
+AdamW, linear warm-up then cosine decay, gradient clipping, gradient accumulation with the loss
+normalised over all counted tokens of the global batch (across accumulation steps and ranks),
+periodic eval, atomic checkpoints with exact resume, and logs.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from tunesmith.config import TrainConfig
+from tunesmith.core import checkpoint as ckpt
+from tunesmith.core.distributed import DistInfo, all_reduce_sum
+from tunesmith.core.logs import RunLogger, truncate_metrics
+from tunesmith.data import Row, collate
+
+
+@dataclass
+class LoopResult:
+    """What the loop did, for the run summary."""
+
+    steps: int
+    total_steps: int
+    resumed_from: int
+    tokens_seen: int
+    final_loss: float | None
+    eval_loss: float | None
+    wall_s: float
+    peak_rss_mb: float
+    history: list[dict] = field(default_factory=list)
+
+
+def total_steps(num_rows: int, cfg: TrainConfig, world_size: int) -> int:
+    """Optimizer steps the run makes: train.max_steps, else ceil(epochs * rows / global batch)."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    global_batch = cfg.batch_size * cfg.grad_accum * world_size
+    return max(1, math.ceil(cfg.epochs * num_rows / global_batch))
+
+
+class RowOrder:
+    """Which rows each step uses: an endless stream of per-epoch permutations seeded by (seed, epoch).
+
+    The order depends only on the seed, the row count and the global batch size, so runs with the
+    same global batch split differently (micro-batches, accumulation, ranks) see the same rows, and a
+    resumed run picks up exactly where it stopped.
+    """
+
+    def __init__(self, num_rows: int, global_batch: int, seed: int) -> None:
+        self.num_rows = num_rows
+        self.global_batch = global_batch
+        self.seed = seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            gen = torch.Generator().manual_seed(self.seed + epoch)
+            self._perms = {epoch: torch.randperm(self.num_rows, generator=gen).tolist()}
+        return self._perms[epoch]
+
+    def step_rows(self, step: int) -> list[int]:
+        """Row indices of the global batch of `step`."""
+        start = step * self.global_batch
+        return [self._perm(p // self.num_rows)[p % self.num_rows] for p in range(start, start + self.global_batch)]
+
+    def epoch_of(self, step: int) -> float:
+        """Fractional epoch reached after `step` steps."""
+        return step * self.global_batch / self.num_rows
+
+
+def warmup_cosine(total: int, warmup_ratio: float, min_lr_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up, then cosine decay to `min_lr_ratio`."""
+    warmup = int(round(total * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over trainable parameters only; no weight decay on biases and norms."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(loss_module: nn.Module, rows: list[Row], batch_size: int, pad_id: int, info: DistInfo) -> dict[str, float]:
+    """Mean loss per counted token and perplexity over `rows`, sharded across ranks."""
+    was_training = loss_module.training
+    loss_module.eval()
+    mine = rows[info.rank :: info.world_size]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
+    count = torch.zeros((), dtype=torch.float64, device=info.device)
+    for i in range(0, len(mine), batch_size):
+        batch = _to_device(collate(mine[i : i + batch_size], pad_id), info.device)
+        s, n = loss_module(**batch)
+        loss_sum += s.double()
+        count += n.double()
+    all_reduce_sum(loss_sum, info)
+    all_reduce_sum(count, info)
+    loss_module.train(was_training)
+    mean = (loss_sum / count.clamp_min(1)).item()
+    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0))}
+
+
+def train_loop(
+    *,
+    model: nn.Module,
+    loss_module: nn.Module,
+    train_rows: list[Row],
+    eval_rows: list[Row] | None,
+    cfg: TrainConfig,
+    run_dir: Path | None,
+    info: DistInfo,
+    pad_id: int,
+) -> LoopResult:
+    """Train `model` through `loss_module` on `train_rows`; resume from run_dir/checkpoints if present."""
+    started = time.time()
+    steps = total_steps(len(train_rows), cfg, info.world_size)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, cfg.warmup_ratio, cfg.min_lr_ratio))
+    ddp_module: nn.Module = loss_module
+    if info.enabled:
+        ddp_module = DistributedDataParallel(
+            loss_module, device_ids=[info.device.index] if info.device.type == "cuda" else None
+        )
+
+    state = ckpt.TrainerState()
+    ckpt_root = run_dir / "checkpoints" if run_dir is not None else None
+    if ckpt_root is not None:
+        if info.is_main:
+            ckpt.clean_partial(ckpt_root)
+        found = ckpt.checkpoint_dirs(ckpt_root)
+        if found:
+            state = ckpt.load_checkpoint(found[-1], model, optimizer, scheduler, info)
+            if info.is_main:
+                truncate_metrics(run_dir / "metrics.jsonl", state.step)
+    resumed_from = state.step
+
+    logger = RunLogger(run_dir, steps, state.step, enabled=info.is_main)
+    if resumed_from:
+        logger.write(f"resumed from checkpoint at step {resumed_from}")
+    order = RowOrder(len(train_rows), cfg.batch_size * cfg.grad_accum * info.world_size, cfg.seed)
+    per_rank = cfg.batch_size * cfg.grad_accum
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    history: list[dict] = []
+    final_loss: float | None = None
+    eval_loss: float | None = None
+    window_tokens, window_start, shown = 0, time.time(), state.step
+    ddp_module.train()
+
+    try:
+        while state.step < steps:
+            rows = order.step_rows(state.step)
+            mine = [train_rows[i] for i in rows[info.rank * per_rank : (info.rank + 1) * per_rank]]
+            micro = [collate(mine[i : i + cfg.batch_size], pad_id) for i in range(0, per_rank, cfg.batch_size)]
+            counts = torch.tensor(
+                [sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro), sum(len(r.input_ids) for r in mine)],
+                dtype=torch.float64,
+                device=info.device,
+            )
+            all_reduce_sum(counts, info)
+            global_count, global_tokens = max(counts[0].item(), 1.0), int(counts[1].item())
+            loss_acc = torch.zeros((), dtype=torch.float64, device=info.device)
+            for i, mb in enumerate(micro):
+                last = i == len(micro) - 1
+                sync = nullcontext() if (last or not info.enabled) else ddp_module.no_sync()
+                with sync:
+                    loss_sum, _ = ddp_module(**_to_device(mb, info.device))
+                    # DDP averages gradients over ranks; scaling by world_size turns that into a sum,
+                    # so the step's gradient is (sum of token losses) / (tokens of the global batch).
+                    (loss_sum * (info.world_size / global_count)).backward()
+                loss_acc += loss_sum.detach().double()
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                if cfg.max_grad_norm is not None
+                else torch.zeros(())
+            )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            all_reduce_sum(loss_acc, info)
+            state.step += 1
+            state.tokens_seen += global_tokens
+            window_tokens += global_tokens
+            final_loss = loss_acc.item() / global_count
+
+            if state.step % cfg.log_every == 0 or state.step == steps:
+                elapsed = max(time.time() - window_start, 1e-9)
+                tps = window_tokens / elapsed
+                metrics = {
+                    "loss": final_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": tps,
+                    "tokens_seen": state.tokens_seen,
+                    "epoch": order.epoch_of(state.step),
+                }
+                history.append({"step": state.step, **metrics})
+                logger.log(state.step, metrics)
+                logger.progress(state.step - shown, {"loss": f"{final_loss:.4f}", "tok/s": f"{tps:,.0f}"})
+                window_tokens, window_start, shown = 0, time.time(), state.step
+
+            if eval_rows and ((cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == steps):
+                ev = evaluate(ddp_module, eval_rows, cfg.batch_size, pad_id, info)
+                eval_loss = ev["eval_loss"]
+                history.append({"step": state.step, **ev})
+                logger.log(state.step, ev)
+                logger.write(f"step {state.step}: eval_loss {ev['eval_loss']:.4f}  eval_ppl {ev['eval_ppl']:.2f}")
+
+            if ckpt_root is not None and cfg.save_every and state.step % cfg.save_every == 0 and state.step < steps:
+                ckpt.save_checkpoint(ckpt_root, model, optimizer, scheduler, state, info, cfg.keep_checkpoints)
+    finally:
+        logger.close()
+
+    return LoopResult(
+        steps=state.step,
+        total_steps=steps,
+        resumed_from=resumed_from,
+        tokens_seen=state.tokens_seen,
+        final_loss=final_loss,
+        eval_loss=eval_loss,
+        wall_s=time.time() - started,
+        peak_rss_mb=peak_rss_mb(),
+        history=history,
+    )

@@ -1,0 +1,228 @@
+"""One run from config to outputs: validate everything, load, train, save, summarise.
+
+Every check that can fail on user input (config, model path, data) runs before the output
+folder is created, so a bad input leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tunesmith.config import Config, load_config, save_config
+from tunesmith.core import checkpoint as ckpt
+from tunesmith.core import distributed
+from tunesmith.core.loop import LoopResult, train_loop
+from tunesmith.data import DataStats
+from tunesmith.errors import TunesmithError
+from tunesmith.methods import get_method
+from tunesmith.model import (
+    apply_lora,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+    save_adapter,
+    save_full,
+    save_merged,
+)
+
+SUMMARY = "summary.json"
+
+
+@dataclass
+class RunResult:
+    """What a finished run wrote, and how it went."""
+
+    run_dir: Path
+    outputs: dict[str, str]
+    loop: LoopResult
+    train_stats: DataStats
+    eval_stats: DataStats | None = None
+    parameters: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """Plain-data summary, as saved in summary.json."""
+        return {
+            "run_dir": str(self.run_dir),
+            "outputs": self.outputs,
+            "steps": self.loop.steps,
+            "resumed_from": self.loop.resumed_from,
+            "tokens_seen": self.loop.tokens_seen,
+            "final_loss": self.loop.final_loss,
+            "eval_loss": self.loop.eval_loss,
+            "wall_s": round(self.loop.wall_s, 2),
+            "peak_rss_mb": round(self.loop.peak_rss_mb, 1),
+            "parameters": self.parameters,
+            "train_data": asdict(self.train_stats),
+            "eval_data": asdict(self.eval_stats) if self.eval_stats else None,
+        }
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        where = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _config_diff(a, b, where + ".")
+        elif a != b:
+            diffs.append(f"{where}: checkpoint has {a!r}, now {b!r}")
+    return diffs
+
+
+def check_run_dir(cfg: Config) -> bool:
+    """Decide whether output_dir is new, resumable, or unusable; returns True when resuming."""
+    run_dir = Path(cfg.output_dir)
+    if not run_dir.exists():
+        return False
+    if not run_dir.is_dir():
+        raise TunesmithError(f"output_dir {str(run_dir)!r} is a file; give a folder path")
+    if (run_dir / SUMMARY).exists():
+        raise TunesmithError(
+            f"output_dir {str(run_dir)!r} holds a finished run ({SUMMARY} is there); "
+            "choose a new output_dir, or delete that folder to train again"
+        )
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        if any(run_dir.iterdir()):
+            raise TunesmithError(
+                f"output_dir {str(run_dir)!r} is not empty and holds no tunesmith run; choose a new or empty folder"
+            )
+        return False
+    if not ckpt.checkpoint_dirs(run_dir / "checkpoints"):
+        return False  # stopped before its first checkpoint: start afresh in the same folder
+    import yaml
+
+    diffs = _config_diff(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}, cfg.to_dict())
+    if diffs:
+        raise TunesmithError(
+            f"output_dir {str(run_dir)!r} has a checkpoint from a different config; resuming needs the same "
+            "settings (use a new output_dir to train with new ones):",
+            problems=diffs,
+        )
+    return True
+
+
+def train(source: Config | dict[str, Any] | str | Path, overrides: list[str] | None = None) -> RunResult:
+    """Run one fine-tuning job; see `tunesmith.config.Config` for every field."""
+    cfg = load_config(source, overrides)
+    info = distributed.setup()
+    try:
+        return _train(cfg, info)
+    finally:
+        distributed.teardown(info)
+
+
+def _train(cfg: Config, info: distributed.DistInfo) -> RunResult:
+    method = get_method(cfg.method)
+    resuming = check_run_dir(cfg)
+
+    # Rank 0 imports a .gguf into the cache first, so the other ranks find it done.
+    if info.is_main:
+        resolved = resolve_model(cfg.model, cfg.load)
+    distributed.barrier(info)
+    if not info.is_main:
+        resolved = resolve_model(cfg.model, cfg.load)
+    tokenizer = load_tokenizer(resolved, cfg.load)
+    assert cfg.data.train is not None  # checked by the config
+    train_data = method.build_data(cfg, tokenizer, cfg.data.train)
+    eval_data = method.build_data(cfg, tokenizer, cfg.data.eval) if cfg.data.eval else None
+
+    seed_everything(cfg.train.seed)
+    model = load_model(resolved, cfg.load, device=info.device)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora is not None:
+        model = apply_lora(model, cfg.lora)
+    trainable, total = count_parameters(model)
+
+    run_dir = Path(cfg.output_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        if not resuming:
+            (run_dir / "metrics.jsonl").write_text("")
+        print(
+            f"tunesmith {cfg.method}: {resolved.spec} ({'LoRA r=' + str(cfg.lora.r) if cfg.lora else 'full'}; "
+            f"{trainable:,} of {total:,} parameters trained) on {info.world_size} x {info.device.type}\n"
+            f"  train: {train_data.stats.summary()}"
+            + (f"\n  eval:  {eval_data.stats.summary()}" if eval_data else ""),
+            flush=True,
+        )
+    distributed.barrier(info)
+
+    loop = train_loop(
+        model=model,
+        loss_module=method.loss_module(model),
+        train_rows=train_data.rows,
+        eval_rows=eval_data.rows if eval_data else None,
+        cfg=cfg.train,
+        run_dir=run_dir,
+        info=info,
+        pad_id=tokenizer.pad_token_id,
+    )
+
+    outputs: dict[str, str] = {}
+    if info.is_main:
+        model.eval()
+        if cfg.lora is not None:
+            if cfg.output.save_adapter:
+                outputs["adapter"] = str(save_adapter(model, tokenizer, run_dir / "adapter"))
+            if cfg.output.merge:
+                outputs["merged"] = str(save_merged(model, tokenizer, run_dir / "merged"))
+        else:
+            outputs["model"] = str(save_full(model, tokenizer, run_dir / "model"))
+    distributed.barrier(info)
+
+    result = RunResult(
+        run_dir=run_dir,
+        outputs=outputs,
+        loop=loop,
+        train_stats=train_data.stats,
+        eval_stats=eval_data.stats if eval_data else None,
+        parameters={"trainable": trainable, "total": total},
+    )
+    if info.is_main:
+        outputs["metrics"] = str(run_dir / "metrics.jsonl")
+        outputs["tensorboard"] = str(run_dir / "tensorboard")
+        (run_dir / SUMMARY).write_text(json.dumps(result.summary(), indent=2))
+        print(format_summary(result), flush=True)
+    return result
+
+
+def format_summary(result: RunResult) -> str:
+    """The short closing summary: what was trained, how it went, what was written where."""
+    loop = result.loop
+    lines = [
+        f"done: {loop.steps} steps"
+        + (f" (resumed at {loop.resumed_from})" if loop.resumed_from else "")
+        + f", {loop.tokens_seen:,} tokens in {loop.wall_s:.1f} s, peak memory {loop.peak_rss_mb:,.0f} MiB",
+    ]
+    if loop.final_loss is not None:
+        lines.append(f"  final train loss {loop.final_loss:.4f}")
+    if loop.eval_loss is not None:
+        lines.append(f"  final eval loss  {loop.eval_loss:.4f}")
+    if result.train_stats.num_truncated or result.train_stats.num_dropped:
+        lines.append(
+            f"  over-long samples: {result.train_stats.num_truncated} truncated, {result.train_stats.num_dropped} dropped"
+        )
+    lines.append("wrote:")
+    width = max(len(k) for k in result.outputs) if result.outputs else 0
+    for key, path in result.outputs.items():
+        lines.append(f"  {key:<{width}}  {path}")
+    lines.append(f"  {'summary':<{width}}  {result.run_dir / SUMMARY}")
+    return "\n".join(lines)

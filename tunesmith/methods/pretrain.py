@@ -1,0 +1,30 @@
+"""Continued pretraining on plain domain text: every token counts, documents split into full blocks."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tunesmith.config import Config
+from tunesmith.core.lm_loss import CausalLMLoss
+from tunesmith.data import TokenizedData, build_dataset
+
+NAME = "pretrain"
+
+
+def build_data(cfg: Config, tokenizer, source: str) -> TokenizedData:
+    """Tokenize `source` text, split long documents into max_length blocks, and pack them."""
+    return build_dataset(
+        source,
+        tokenizer,
+        method=NAME,
+        max_length=cfg.train.max_length,
+        packing=cfg.train.packing,
+        overflow=cfg.data.overflow,
+        format=cfg.data.format,
+        split=cfg.data.split,
+    )
+
+
+def loss_module(model: nn.Module) -> nn.Module:
+    """Next-token cross-entropy over every token."""
+    return CausalLMLoss(model)

@@ -1,0 +1,30 @@
+"""Supervised fine-tuning: prompt -> response pairs and chats; loss on assistant tokens only."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tunesmith.config import Config
+from tunesmith.core.lm_loss import CausalLMLoss
+from tunesmith.data import TokenizedData, build_dataset
+
+NAME = "sft"
+
+
+def build_data(cfg: Config, tokenizer, source: str) -> TokenizedData:
+    """Read, render with the chat template, mask to assistant tokens, and pack `source`."""
+    return build_dataset(
+        source,
+        tokenizer,
+        method=NAME,
+        max_length=cfg.train.max_length,
+        packing=cfg.train.packing,
+        overflow=cfg.data.overflow,
+        format=cfg.data.format,
+        split=cfg.data.split,
+    )
+
+
+def loss_module(model: nn.Module) -> nn.Module:
+    """Next-token cross-entropy over the assistant tokens."""
+    return CausalLMLoss(model)
