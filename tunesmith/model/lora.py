@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,7 +32,10 @@ def apply_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
         bias="none",
     )
     try:
-        wrapped = peft.get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # peft probes a property transformers has deprecated; the warning says nothing to our users
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            wrapped = peft.get_peft_model(model, config)
     except ValueError as exc:
         linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise TunesmithError(
