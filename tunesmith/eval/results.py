@@ -1,0 +1,60 @@
+"""What an evaluation produces: per-row outputs and scores, and per-model aggregates.
+
+`tunesmith eval`, `tunesmith compare` and the report built into `train` all read and write these,
+and `results.json` is their plain-data form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class EvalExample:
+    """One evaluation row: the conversation up to the answer, and the reference answer if any."""
+
+    index: int  # position in the data file (0-based)
+    location: str  # "test.jsonl line 4": where the row came from, for error messages
+    messages: list[dict[str, str]]  # the prompt conversation, ending in a user turn
+    reference: str | None  # the expected answer (last assistant turn, completion or answer field)
+    prompt: str  # the prompt shown in reports: the last user message
+    fields: dict[str, Any] = field(default_factory=dict)  # other fields of the record, for user metrics
+
+
+@dataclass
+class EvalRow:
+    """One row's outcome for one model."""
+
+    index: int
+    output: str | None  # generated text (None when generation was not asked for)
+    scores: dict[str, float | None]  # metric -> score; None where the metric failed on this row
+    errors: dict[str, str] = field(default_factory=dict)  # metric -> error message for this row
+    num_new_tokens: int = 0
+
+
+@dataclass
+class EvalResult:
+    """One model evaluated on one dataset."""
+
+    label: str  # name in tables: "base", "tuned", or the user's NAME
+    spec: str  # what was loaded: a model spec or a run folder
+    data: str  # the data source
+    metrics: dict[str, float]  # metric -> mean over the rows where it was computed
+    rows: list[EvalRow]
+    perplexity: float | None = None  # of the reference answers, masked as in training
+    mean_loss: float | None = None  # mean token loss behind the perplexity
+    generation: dict[str, Any] = field(default_factory=dict)  # settings used: max_new_tokens, temperature, ...
+    timing: dict[str, float] = field(default_factory=dict)  # seconds, new_tokens, new_tokens_per_s
+    run_dir: str | None = None  # the training run folder, when the model came from one
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for results.json."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalResult:
+        """Rebuild from `to_dict` output."""
+        data = dict(data)
+        data["rows"] = [EvalRow(**r) for r in data.get("rows", [])]
+        return cls(**data)
