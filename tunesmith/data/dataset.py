@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from tqdm import tqdm
+
 from tunesmith.data.chat import (
     IGNORE_INDEX,
     has_chat_template,
@@ -22,6 +24,17 @@ log = logging.getLogger(__name__)
 METHODS = ("pretrain", "sft")
 OVERFLOWS = ("truncate", "drop")
 _BATCH = 1024  # records per tokenizer call: the Rust tokenizer works on a batch in parallel
+_BAR_FROM = 4 * _BATCH  # show a progress bar when tokenizing at least this many records
+
+
+def _batches(normalised: list, desc: str):
+    """Slices of `_BATCH` records, with a progress bar on large data."""
+    bar = tqdm(total=len(normalised), desc=desc, unit="rec", disable=len(normalised) < _BAR_FROM, leave=False)
+    for start in range(0, len(normalised), _BATCH):
+        batch = normalised[start : start + _BATCH]
+        yield batch
+        bar.update(len(batch))
+    bar.close()
 
 
 @dataclass
@@ -149,8 +162,7 @@ def _tokenize_texts(normalised: list[tuple[dict, str]], tokenizer) -> list[tuple
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     samples = []
-    for start in range(0, len(normalised), _BATCH):
-        batch = normalised[start : start + _BATCH]
+    for batch in _batches(normalised, "tokenize"):
         encoded = tokenizer([record["text"] for record, _ in batch], add_special_tokens=False)["input_ids"]
         for ids, (record, where) in zip(encoded, batch):
             if record["text"] == "":
@@ -163,8 +175,7 @@ def _tokenize_texts(normalised: list[tuple[dict, str]], tokenizer) -> list[tuple
 
 def _tokenize_chats(normalised: list[tuple[dict, str]], tokenizer) -> list[tuple[list[int], list[int], str]]:
     samples = []
-    for start in range(0, len(normalised), _BATCH):
-        batch = normalised[start : start + _BATCH]
+    for batch in _batches(normalised, "render + tokenize"):
         rendered = [render_with_spans(record["messages"], tokenizer, where) for record, where in batch]
         all_ids, all_labels = tokenize_with_spans([t for t, _ in rendered], [s for _, s in rendered], tokenizer)
         for ids, labels, (_, where) in zip(all_ids, all_labels, batch):
