@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint clean chromium
 
 setup: $(STAMP)
 
@@ -21,8 +21,14 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(PY) -m tunesmith.demo
 
-test: setup
+test: setup chromium
 	$(PY) -m pytest -q
+
+# The report test renders report.html in headless Chromium, as a person's browser would.
+# Debian's package; installed only when missing (we run as root here and in CI).
+chromium:
+	@test -x /usr/bin/chromium || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 bench: setup
 	$(PIP) install -q -e '.[dev,bench]'

@@ -9,7 +9,7 @@ import sys
 from tunesmith.errors import TunesmithError
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Keep library chatter (weight-loading bars, advisory warnings) out of the user's console."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
@@ -39,6 +39,12 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from tunesmith.eval.evaluate import run_eval_command
+
+    return run_eval_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every sub-command."""
     parser = argparse.ArgumentParser(
@@ -62,13 +68,42 @@ def build_parser() -> argparse.ArgumentParser:
     p_inspect.add_argument("--split", default="train", help="split of an HF dataset")
     p_inspect.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with a hub model")
     p_inspect.set_defaults(func=_cmd_data_inspect)
+
+    from tunesmith.eval import compare  # light at import time: torch loads only when it runs
+
+    p_compare = sub.add_parser("compare", help="evaluate base and tuned models on the same rows; HTML report")
+    compare.add_arguments(p_compare)
+
+    p_eval = sub.add_parser("eval", help="generate answers on a data file, score them, measure perplexity")
+    p_eval.add_argument("--model", required=True, help="model folder, hub id, .gguf, 'default', or a tunesmith run folder")
+    p_eval.add_argument("--data", required=True, help="rows with prompts (and reference answers): any sft data format")
+    p_eval.add_argument("--metrics", nargs="*", metavar="METRIC", help="exact_match, contains, json_equal, "
+                        "json_in_output_match, or module:function (default: exact_match contains when every row "
+                        "has a reference; given with no names: generate only)")
+    p_eval.add_argument("--out", help="folder for results.json (default: ./eval-<model name>)")
+    p_eval.add_argument("--label", help="name of this model in tables (default: the model name)")
+    p_eval.add_argument("--max-new-tokens", type=int, default=128)
+    p_eval.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p_eval.add_argument("--top-p", type=float, default=1.0)
+    p_eval.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p_eval.add_argument("--stop", nargs="+", metavar="TEXT",
+                        help="end an answer where it contains one of these (a newline, in bash: --stop $'\\n')")
+    p_eval.add_argument("--batch-size", type=int, default=16)
+    p_eval.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    p_eval.add_argument("--limit", type=int, help="evaluate the first N rows only")
+    p_eval.add_argument("--no-perplexity", action="store_true", help="skip the perplexity of reference answers")
+    p_eval.add_argument("--no-generate", action="store_true", help="perplexity only: no answers, no metrics")
+    p_eval.add_argument("--split", default="train", help="split of an HF dataset")
+    p_eval.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p_eval.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with a hub model")
+    p_eval.set_defaults(func=_cmd_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tunesmith` command; exit code 2 on bad input, with one clear message."""
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return args.func(args)
     except TunesmithError as exc:

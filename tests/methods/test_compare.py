@@ -1,0 +1,85 @@
+"""`tunesmith compare` end to end: a random tiny model against a copy trained to answer the rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import tunesmith
+from tests.conftest import write_jsonl
+from tests.helpers import WORDS, run_config
+from tunesmith.cli import main
+
+NUM_ROWS = 8
+
+
+@pytest.fixture(scope="module")
+def tuned_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Path, Path]:
+    """(data file, run folder): full fine-tuning until the tiny model says the word it is asked for."""
+    tmp = tmp_path_factory.mktemp("compare")
+    rows = [{"prompt": f"Say {w} once", "completion": w} for w in WORDS[:NUM_ROWS]]
+    data = write_jsonl(tmp / "words.jsonl", rows)
+    cfg = run_config(tiny_model_dir, data, tmp / "run", max_steps=40, batch_size=8, lr=2e-2, max_length=64,
+                     eval_every=20)
+    cfg["lora"] = None
+    cfg["data"]["eval"] = str(data)  # eval loss on the same rows, so the report has both curves
+    cfg["eval"] = {"before": False}  # this test is about `compare`, not the report built into train
+    tunesmith.train(cfg)
+    return data, tmp / "run"
+
+
+def test_compare_tuned_beats_base(tuned_run: tuple[Path, Path], tiny_model_dir: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    data, run_dir = tuned_run
+    out = tmp_path / "report"
+    code = main(["compare", "--base", str(tiny_model_dir), "--tuned", str(run_dir), "--data", str(data),
+                 "--out", str(out), "--metrics", "exact_match", "--max-new-tokens", "8"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "tuned beats base on exact match" in printed
+    assert str(out / "report.html") in printed
+
+    results = json.loads((out / "results.json").read_text())
+    by_label = {r["label"]: r for r in results["results"]}
+    assert set(by_label) == {"base", "tuned"}
+    assert by_label["tuned"]["metrics"]["exact_match"] > by_label["base"]["metrics"]["exact_match"]
+    assert by_label["tuned"]["metrics"]["exact_match"] >= 0.5
+    assert by_label["tuned"]["run_dir"] == str(run_dir)
+    # both models answered the same rows, and the tuned one also fits the references better
+    assert [r["index"] for r in by_label["base"]["rows"]] == [r["index"] for r in by_label["tuned"]["rows"]]
+    assert len(by_label["base"]["rows"]) == NUM_ROWS
+    assert by_label["tuned"]["perplexity"] < by_label["base"]["perplexity"]
+    em = results["comparison"]["measures"]["exact_match"]["models"]["tuned"]
+    assert em["verdict"] == "better" and em["delta_ci"][0] > 0
+    assert (out / "loss_tuned.png").is_file() and (out / "report.html").is_file()
+
+
+def test_limit_and_named_models(tuned_run: tuple[Path, Path], tiny_model_dir: Path, tmp_path: Path) -> None:
+    from tunesmith.config import LoadConfig
+    from tunesmith.eval.compare import compare
+    from tunesmith.eval.generate import GenerationSettings
+
+    data, run_dir = tuned_run
+    report = compare({"base": str(tiny_model_dir), "words": str(run_dir)}, str(data), tmp_path,
+                     metrics=["exact_match"], settings=GenerationSettings(max_new_tokens=2), load=LoadConfig(),
+                     limit=2)
+    results = json.loads((report.parent / "results.json").read_text())
+    assert [r["label"] for r in results["results"]] == ["base", "words"]
+    assert all(len(r["rows"]) == 2 for r in results["results"]) and len(results["examples"]) == 2
+
+
+@pytest.mark.parametrize("bad", ["oops", "=models/x", "name=", "base=models/x"])
+def test_bad_model_option_is_a_user_error(bad: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["compare", "--base", "m0", "--tuned", "m1", "--model", bad, "--data", "d.jsonl",
+                 "--out", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tunesmith: error: --model") and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_base_alone_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "--base", "m0", "--data", "d.jsonl", "--out", str(tmp_path)]) == 2
+    assert "--tuned" in capsys.readouterr().err

@@ -1,0 +1,137 @@
+"""Our batched decode loop against transformers' own `generate`, on the tiny model."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunesmith.config import LoadConfig
+from tunesmith.errors import TunesmithError
+from tunesmith.eval import generate as generate_module
+from tunesmith.eval.generate import GenerationSettings, generate, prompt_ids
+from tunesmith.model import load_model, load_tokenizer, resolve_model
+
+# Prompts of very different lengths, so one batch holds a lot of left padding.
+PROMPTS = [
+    "Hi",
+    "Explain what a generator expression is in one sentence.",
+    "The import statement is executed in two steps: find a module, loading and initializing it if necessary",
+    "Define a name",
+    "Say yes",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """A width-64 model gains nothing from threads, and on a shared CPU their barriers make small matmuls crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: Path):
+    load = LoadConfig()
+    resolved = resolve_model(str(tiny_model_dir), load)
+    model = load_model(resolved, load, device=torch.device("cpu")).eval()
+    # At its initial scale the random model answers every prompt with the same token; larger weights make
+    # greedy answers depend on the prompt and change at every step, so equal outputs mean something.
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim >= 2:
+                param.normal_(0, 0.15, generator=gen)
+    return model, load_tokenizer(resolved, load)
+
+
+def _chats(prompts: list[str]) -> list[list[dict]]:
+    return [[{"role": "user", "content": p}] for p in prompts]
+
+
+def _hf_one_at_a_time(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    out = []
+    for ids in prompt_ids(tokenizer, _chats(prompts)):
+        x = torch.tensor([ids])
+        y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
+                           max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        out.append(y[0, len(ids):].tolist())
+    return out
+
+
+def test_greedy_equals_transformers_generate_per_prompt(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, tokenizer = tiny
+    settings = GenerationSettings(max_new_tokens=12, batch_size=8)
+    ours = generate(model, tokenizer, _chats(PROMPTS), settings)
+    assert len({len(ids) for ids in prompt_ids(tokenizer, _chats(PROMPTS))}) == len(PROMPTS)
+    assert len({tuple(g.token_ids) for g in ours}) == len(PROMPTS)  # the test can tell rows apart
+    expected = _hf_one_at_a_time(model, tokenizer, PROMPTS, 12)
+    assert [g.token_ids for g in ours] == expected
+    # The same with the whole batch prefilled at once, left padding and all (the path for sliding-window caches).
+    monkeypatch.setattr(generate_module, "_prefill_groups", lambda lengths: [list(range(len(lengths)))])
+    assert [g.token_ids for g in generate(model, tokenizer, _chats(PROMPTS), settings)] == expected
+    assert all(g.finish_reason == "length" and g.num_new_tokens == 12 for g in ours)
+    assert ours[1].text == tokenizer.decode(ours[1].token_ids, skip_special_tokens=True)
+
+
+def test_rows_finishing_early_leave_the_batch_and_match_transformers(tiny) -> None:
+    model, tokenizer = tiny
+    first = generate(model, tokenizer, _chats(PROMPTS), GenerationSettings(max_new_tokens=12))
+    # Make a token the random model does emit an extra EOS, so some rows end early and others go on.
+    extra_eos = first[1].token_ids[3]
+    original = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, extra_eos]
+    try:
+        ours = generate(model, tokenizer, _chats(PROMPTS), GenerationSettings(max_new_tokens=12, batch_size=3))
+        expected = _hf_one_at_a_time(model, tokenizer, PROMPTS, 12)
+    finally:
+        model.generation_config.eos_token_id = original
+    assert [g.token_ids for g in ours] == expected
+    reasons = [g.finish_reason for g in ours]
+    assert "eos" in reasons and "length" in reasons
+    for g in ours:
+        if g.finish_reason == "eos":
+            assert g.token_ids[-1] == extra_eos and g.num_new_tokens == len(g.token_ids) < 12
+
+
+def test_stop_strings_cut_the_text(tiny) -> None:
+    model, tokenizer = tiny
+    full = generate(model, tokenizer, _chats(PROMPTS), GenerationSettings(max_new_tokens=16))
+    # A stop string of plain letters from the middle of one answer (random bytes would not decode stably).
+    row, match = next((r, m) for r, g in enumerate(full) for m in [re.search(r"[A-Za-z]{3}", g.text[4:])] if m)
+    text, stop = full[row].text, match.group()
+    cut = generate(model, tokenizer, _chats(PROMPTS), GenerationSettings(max_new_tokens=16, stop=["@@never@@", stop]))
+    assert cut[row].finish_reason == "stop"
+    assert cut[row].text == text[: text.find(stop)]
+    assert cut[row].num_new_tokens < 16 and cut[row].token_ids == full[row].token_ids[: cut[row].num_new_tokens]
+    for a, b in zip(full, cut):  # every row is the same prefix of its full answer, cut at its first stop
+        k = a.text.find(stop)
+        assert b.text == (a.text[:k] if k >= 0 else a.text)
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny) -> None:
+    model, tokenizer = tiny
+    chats = _chats(PROMPTS)
+
+    def sample(seed: int, **kw) -> list[list[int]]:
+        settings = GenerationSettings(max_new_tokens=10, temperature=1.0, seed=seed, batch_size=2, **kw)
+        return [g.token_ids for g in generate(model, tokenizer, chats, settings)]
+
+    first = sample(7)
+    assert sample(7) == first
+    assert sample(8) != first
+    assert sample(7, top_p=0.9, top_k=50) == sample(7, top_p=0.9, top_k=50)
+    greedy = [g.token_ids for g in generate(model, tokenizer, chats, GenerationSettings(max_new_tokens=10))]
+    assert sample(3, top_k=1) == greedy  # one candidate left: sampling is argmax
+    assert sample(3, top_p=1e-6) == greedy
+
+
+def test_bad_settings_are_reported_together(tiny) -> None:
+    model, tokenizer = tiny
+    with pytest.raises(TunesmithError) as err:
+        generate(model, tokenizer, _chats(["x"]), GenerationSettings(max_new_tokens=0, top_p=0.0, temperature=-1))
+    message = str(err.value)
+    assert "max_new_tokens" in message and "top_p" in message and "temperature" in message

@@ -1,0 +1,1 @@
+"""Evaluation: generation, metrics, base-vs-tuned comparison and the HTML report."""

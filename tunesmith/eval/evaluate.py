@@ -1,0 +1,307 @@
+"""`tunesmith eval`: load a model (or a training run), generate answers, score them, and measure perplexity.
+
+Perplexity is that of the reference answers, tokenized and masked exactly as training masks
+them (every assistant turn of the conversation, end-of-turn marker included), so on the same data
+it equals the `eval_ppl` a training run logs (as long as no sample is longer than
+train.max_length, which training truncates).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import warnings
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunesmith.config import LoadConfig
+from tunesmith.data.chat import has_chat_template, render_raw, render_with_spans, tokenize_with_spans
+from tunesmith.data.packing import collate, make_document
+from tunesmith.errors import TunesmithError
+from tunesmith.eval.generate import GenerationSettings, generate
+from tunesmith.eval.metrics import check_references, resolve_metrics, score_row
+from tunesmith.eval.results import EvalExample, EvalResult, EvalRow
+from tunesmith.model.loading import ResolvedModel, load_model, load_tokenizer, resolve_model
+
+RESULTS_FILE = "results.json"
+DEFAULT_METRICS = ["exact_match", "contains"]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_for_eval(spec: str, load: LoadConfig, device: torch.device | None = None) -> tuple[Any, Any, str | None]:
+    """Model (in eval mode), tokenizer and run folder (None for a plain model) for anything `train` accepts or a run folder.
+
+    A run folder (it holds config.yaml) gives its merged/ model, else its base model with adapter/
+    applied, else its fully fine-tuned model/.
+    """
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "config.yaml").is_file():
+        model, tokenizer = _load_run(path, spec, load, device)
+        return model.eval(), tokenizer, str(path)
+    resolved = resolve_model(spec, load)
+    tokenizer = load_tokenizer(resolved, load)
+    return load_model(resolved, load, device).eval(), tokenizer, None
+
+
+def _load_run(run: Path, spec: str, load: LoadConfig, device: torch.device | None):
+    if (run / "merged" / "config.json").is_file():
+        return _load_plain(run / "merged", load, device)
+    adapter = run / "adapter"
+    if (adapter / "adapter_config.json").is_file():
+        return _load_adapter(run, spec, load, device)
+    if (run / "model" / "config.json").is_file():
+        return _load_plain(run / "model", load, device)
+    raise TunesmithError(
+        f"run folder {spec!r} holds no trained model yet (no merged/, adapter/ or model/); let the run finish "
+        "(re-running its train command resumes it), or give a model folder"
+    )
+
+
+def _load_plain(folder: Path, load: LoadConfig, device: torch.device | None):
+    resolved = resolve_model(str(folder), load)
+    return load_model(resolved, load, device), load_tokenizer(resolved, load)
+
+
+def _load_adapter(run: Path, spec: str, load: LoadConfig, device: torch.device | None):
+    import peft
+    import yaml
+
+    adapter = run / "adapter"
+    base_spec = (yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}).get("model")
+    if not base_spec:
+        raise TunesmithError(f"run folder {spec!r}: config.yaml names no base model for adapter/; the file is damaged")
+    try:
+        resolved = resolve_model(str(base_spec), load)
+        model = load_model(resolved, load, device)
+    except TunesmithError as exc:
+        raise TunesmithError(f"run folder {spec!r}: its adapter needs base model {base_spec!r}, which fails: {exc}") from None
+    try:
+        with warnings.catch_warnings():
+            # peft probes a property transformers has deprecated; the warning says nothing to our users
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            # Folded into the weights: generation then runs at the plain model's speed.
+            model = peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise TunesmithError(f"run folder {spec!r}: could not apply {adapter} to {base_spec!r}: {exc}") from exc
+    if (adapter / "tokenizer_config.json").is_file():  # saved with the adapter, chat template included
+        resolved = ResolvedModel(spec=str(adapter), path=str(adapter), source="local")
+    return model, load_tokenizer(resolved, load)
+
+
+# ---------------------------------------------------------------- perplexity
+
+
+def answer_tokens(tokenizer, examples: list[EvalExample]) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of each example with a reference, rendered and masked exactly as for training."""
+    with_ref = [e for e in examples if e.reference is not None]
+    if not with_ref:
+        return []
+    conversations = [[*e.messages, {"role": "assistant", "content": e.reference}] for e in with_ref]
+    if has_chat_template(tokenizer):
+        rendered = [render_with_spans(c, tokenizer, e.location) for c, e in zip(conversations, with_ref)]
+        ids, labels = tokenize_with_spans([t for t, _ in rendered], [s for _, s in rendered], tokenizer)
+        return list(zip(ids, labels))
+    out = []
+    for e in with_ref:
+        if [m["role"] for m in e.messages] != ["user"]:
+            raise TunesmithError(
+                f"{e.location}: the tokenizer has no chat template, so only single prompt -> answer rows can be "
+                "rendered (as training renders them: prompt + answer + EOS); use a model with a chat template, or "
+                "--no-perplexity"
+            )
+        out.append(render_raw(e.messages[0]["content"], e.reference or "", tokenizer))
+    return out
+
+
+@torch.no_grad()
+def answer_loss(model, tokenizer, examples: list[EvalExample], batch_size: int = 16) -> tuple[float, int] | None:
+    """(sum of token losses, number of tokens) over the reference answers; None when no row has one."""
+    from tunesmith.core.lm_loss import CausalLMLoss
+
+    documents = [make_document(ids, labels) for ids, labels in answer_tokens(tokenizer, examples)]
+    if not documents:
+        return None
+    loss_module = CausalLMLoss(model)
+    device = next(model.parameters()).device
+    documents.sort(key=lambda d: len(d.input_ids))  # similar lengths together: little padding
+    was_training = model.training
+    model.eval()
+    loss_sum, count = 0.0, 0
+    try:
+        for start in range(0, len(documents), batch_size):
+            batch = collate(documents[start : start + batch_size], tokenizer.pad_token_id or 0)
+            s, n = loss_module(**{k: v.to(device) for k, v in batch.items()})
+            loss_sum += float(s)
+            count += int(n)
+    finally:
+        model.train(was_training)
+    return loss_sum, count
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def evaluate(
+    model,
+    tokenizer,
+    examples: list[EvalExample],
+    *,
+    metrics: list[str],
+    settings: GenerationSettings,
+    perplexity: bool = True,
+    label: str,
+    spec: str,
+    data: str,
+    generate_answers: bool = True,
+    run_dir: str | None = None,
+) -> EvalResult:
+    """Perplexity of the reference answers, generated answers scored by `metrics`, and timing."""
+    settings.check()
+    metric_fns = resolve_metrics(metrics)
+    if metric_fns and not generate_answers:
+        raise TunesmithError(f"metrics {', '.join(metric_fns)} score generated answers, but generation is off")
+    check_references(metric_fns, examples, data)
+
+    mean_loss = ppl = None
+    timing: dict[str, float] = {}
+    if perplexity:
+        started = time.perf_counter()
+        loss = answer_loss(model, tokenizer, examples, settings.batch_size)
+        timing["perplexity_seconds"] = time.perf_counter() - started
+        if loss is not None and loss[1] > 0:
+            mean_loss = loss[0] / loss[1]
+            ppl = math.exp(min(mean_loss, 50.0))  # capped like training's eval_ppl: exp(50) already means "lost"
+            timing["answer_tokens"] = float(loss[1])
+
+    outputs: list[str | None] = [None] * len(examples)
+    generation: dict[str, Any] = asdict(settings) if generate_answers else {}
+    num_new = [0] * len(examples)
+    if generate_answers:
+        started = time.perf_counter()
+        generations = generate(model, tokenizer, [e.messages for e in examples], settings, desc=f"generate {label}")
+        seconds = time.perf_counter() - started
+        outputs = [g.text for g in generations]
+        num_new = [g.num_new_tokens for g in generations]
+        generation["finish_reasons"] = dict(Counter(g.finish_reason for g in generations))
+        timing.update(seconds=seconds, new_tokens=float(sum(num_new)), new_tokens_per_s=sum(num_new) / max(seconds, 1e-9))
+
+    rows = []
+    for example, output, n in zip(examples, outputs, num_new):
+        scores, errors = score_row(metric_fns, example, output) if output is not None else ({}, {})
+        rows.append(EvalRow(index=example.index, output=output, scores=scores, errors=errors, num_new_tokens=n))
+    means = {}
+    for name in metric_fns:
+        values = [r.scores[name] for r in rows if r.scores.get(name) is not None]
+        if values:  # a metric that failed on every row has no mean; its errors say why
+            means[name] = sum(values) / len(values)  # type: ignore[arg-type]
+    return EvalResult(label=label, spec=spec, data=data, metrics=means, rows=rows, perplexity=ppl,
+                      mean_loss=mean_loss, generation=generation, timing=timing, run_dir=run_dir)
+
+
+def metric_failures(result: EvalResult) -> dict[str, list[str]]:
+    """Metric -> the error message of every row it failed on."""
+    failed: dict[str, list[str]] = {}
+    for row in result.rows:
+        for name, message in row.errors.items():
+            failed.setdefault(name, []).append(message)
+    return failed
+
+
+# ---------------------------------------------------------------- output
+
+
+def default_out_dir(spec: str) -> Path:
+    """`eval-<model name>` in the current folder."""
+    name = Path(spec.rstrip("/\\")).name if spec not in ("", ".") else Path.cwd().name
+    if name.lower().endswith(".gguf"):
+        name = name[:-5]
+    return Path(f"eval-{re.sub(r'[^A-Za-z0-9._-]', '_', name) or 'model'}")
+
+
+def write_results(out_dir: Path, results: list[EvalResult], examples: list[EvalExample]) -> Path:
+    """Write `{"results": [...], "examples": [...]}` to out_dir/results.json; returns its path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / RESULTS_FILE
+    payload = {"results": [r.to_dict() for r in results], "examples": [asdict(e) for e in examples]}
+    tmp = path.with_name(f".{RESULTS_FILE}.tmp")
+    # default=str: extra fields of Parquet or HF rows may hold dates or bytes
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def format_table(result: EvalResult, num_with_reference: int) -> str:
+    """The printed summary: one line per metric, then perplexity, rows and speed."""
+    failed = metric_failures(result)
+    n = len(result.rows)
+    lines = [f"{'metric':<28}{'value':>12}"]
+    names = list(dict.fromkeys([*result.metrics, *failed]))
+    for name in names:
+        value = f"{result.metrics[name]:.4f}" if name in result.metrics else "-"
+        note = f"  (failed on {len(failed[name])} of {n} rows)" if name in failed else ""
+        lines.append(f"{name:<28}{value:>12}{note}")
+    if result.perplexity is not None:
+        lines.append(f"{'perplexity':<28}{result.perplexity:>12.4f}  (mean token loss {result.mean_loss:.4f} over "
+                     f"{int(result.timing.get('answer_tokens', 0)):,} answer tokens)")
+    elif num_with_reference == 0:
+        lines.append(f"{'perplexity':<28}{'-':>12}  (no reference answers)")
+    lines.append(f"{'rows':<28}{n:>12}")
+    if "new_tokens_per_s" in result.timing:
+        t = result.timing
+        reasons = result.generation.get("finish_reasons", {})
+        cut = f"; {reasons['length']} answers reached max_new_tokens" if reasons.get("length") else ""
+        lines.append(f"{'new tokens/s':<28}{t['new_tokens_per_s']:>12.1f}  ({int(t['new_tokens']):,} new tokens in "
+                     f"{t['seconds']:.1f} s{cut})")
+    return "\n".join(lines)
+
+
+def run_eval_command(args: Any) -> int:
+    """`tunesmith eval` from parsed arguments; exit code 2 when a metric failed on some rows (results still written)."""
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                  top_k=args.top_k, stop=list(args.stop or []), batch_size=args.batch_size,
+                                  seed=args.seed)
+    settings.check()
+    if args.limit is not None and args.limit < 1:
+        raise TunesmithError(f"--limit: must be at least 1, got {args.limit}")
+    from tunesmith.eval.examples import load_eval_examples
+
+    examples = load_eval_examples(args.data, args.split)[: args.limit]
+    num_with_reference = sum(e.reference is not None for e in examples)
+    generate_answers = not args.no_generate
+    if args.metrics is None:  # not given: the defaults when every row has a reference, else generation only
+        metrics = DEFAULT_METRICS if generate_answers and num_with_reference == len(examples) else []
+    else:
+        metrics = list(args.metrics)
+    check_references(resolve_metrics(metrics), examples, args.data)  # before the (slow) model load
+    if metrics and not generate_answers:
+        raise TunesmithError(f"--no-generate: metrics {', '.join(metrics)} score generated answers; drop one of them")
+
+    load = LoadConfig(trust_remote_code=args.trust_remote_code, dtype=args.dtype)
+    model, tokenizer, run_dir = load_for_eval(args.model, load)
+    label = args.label or default_out_dir(args.model).name.removeprefix("eval-")
+    print(f"tunesmith eval: {args.model} on {args.data} ({len(examples)} rows, {num_with_reference} with reference "
+          f"answers; metrics: {', '.join(metrics) or 'none'})", flush=True)
+    result = evaluate(model, tokenizer, examples, metrics=metrics, settings=settings,
+                      perplexity=not args.no_perplexity, label=label, spec=args.model, data=args.data,
+                      generate_answers=generate_answers, run_dir=run_dir)
+    out_dir = Path(args.out) if args.out else default_out_dir(args.model)
+    path = write_results(out_dir, [result], examples)
+    print(format_table(result, num_with_reference))
+    print(f"wrote: {path} (scores, outputs and settings of {len(examples)} rows)", flush=True)
+    failed = metric_failures(result)
+    if failed:
+        problems = [f"{name}: failed on {len(msgs)} of {len(examples)} rows; first: {msgs[0]}" for name, msgs in failed.items()]
+        raise TunesmithError(
+            f"{len(failed)} metric{'s' if len(failed) > 1 else ''} raised on some rows (their score there is null; "
+            f"the other metrics completed, and {path} holds every row's error):",
+            problems=problems,
+        )
+    return 0
