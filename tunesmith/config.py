@@ -40,6 +40,7 @@ class DataConfig:
 
     train: str | None = field(default=None, metadata=_doc("training data: .jsonl/.json/.csv/.parquet file, a saved HF dataset folder, or a hub dataset name"))
     eval: str | None = field(default=None, metadata=_doc("held-out data for eval loss and perplexity, same formats as `train`"))
+    test: str | None = field(default=None, metadata=_doc("held-out rows with reference answers for the base-vs-tuned report (sft data.eval serves when unset)"))
     format: Literal["auto", "text", "prompt_completion", "messages", "alpaca", "sharegpt"] = field(default="auto", metadata=_doc("data format; auto detects it from the fields"))
     overflow: Literal["truncate", "drop"] = field(default="truncate", metadata=_doc("what to do with samples longer than train.max_length"))
     split: str = field(default="train", metadata=_doc("split to read from an HF dataset"))
@@ -79,6 +80,17 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    """The base-vs-tuned evaluation a run ends with (on data.test, or on sft's data.eval)."""
+
+    before: bool = field(default=True, metadata=_doc("evaluate the base model before the first step and write the comparison report"))
+    metrics: list[str] = field(default_factory=lambda: ["exact_match", "contains"], metadata=_doc("generation metrics: exact_match, contains, json_equal, or module:function"))
+    max_new_tokens: int = field(default=128, metadata=_doc("longest generated answer"))
+    max_rows: int | None = field(default=200, metadata=_doc("evaluate at most this many rows (null = all)"))
+    batch_size: int = field(default=16, metadata=_doc("prompts generated together"))
+
+
+@dataclass(kw_only=True)
 class OutputConfig:
     """What the run writes at the end."""
 
@@ -97,6 +109,7 @@ class Config:
     lora: LoraConfig | None = field(default_factory=LoraConfig, metadata=_doc("LoRA section; null = full fine-tuning"))
     train: TrainConfig = field(default_factory=TrainConfig, metadata=_doc("training loop section"))
     load: LoadConfig = field(default_factory=LoadConfig, metadata=_doc("model loading section"))
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata=_doc("base-vs-tuned evaluation section"))
     output: OutputConfig = field(default_factory=OutputConfig, metadata=_doc("outputs section"))
 
     def to_dict(self) -> dict[str, Any]:
@@ -228,6 +241,12 @@ def _check(cfg: Config, problems: list[str]) -> None:
             problems.append(f"lora.r: must be at least 1, got {cfg.lora.r}")
         if isinstance(cfg.lora.dropout, float) and not 0 <= cfg.lora.dropout < 1:
             problems.append(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    if cfg.eval.max_new_tokens < 1:
+        problems.append(f"eval.max_new_tokens: must be at least 1, got {cfg.eval.max_new_tokens}")
+    if cfg.eval.max_rows is not None and cfg.eval.max_rows < 1:
+        problems.append(f"eval.max_rows: must be at least 1 (or null for all rows), got {cfg.eval.max_rows}")
+    if cfg.eval.batch_size < 1:
+        problems.append(f"eval.batch_size: must be at least 1, got {cfg.eval.batch_size}")
     if not cfg.data.train:
         problems.append("data.train: required; give the training data file (e.g. data.train=train.jsonl)")
     if not cfg.model:

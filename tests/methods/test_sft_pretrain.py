@@ -24,6 +24,7 @@ def test_sft_lora_overfits_and_saves(tmp_path: Path, tiny_model_dir: Path) -> No
     cfg = run_config(tiny_model_dir, data, tmp_path / "run", max_steps=25, batch_size=8, lr=1e-2)
     cfg["data"]["eval"] = str(data)
     cfg["train"]["eval_every"] = 10
+    cfg["eval"] = {"max_new_tokens": 8, "max_rows": 8}
     result = tunesmith.train(cfg)
     losses = _losses(tmp_path / "run")
     assert len(losses) == 25
@@ -41,6 +42,11 @@ def test_sft_lora_overfits_and_saves(tmp_path: Path, tiny_model_dir: Path) -> No
     for name in ("config.yaml", "metrics.jsonl", "summary.json"):
         assert (tmp_path / "run" / name).exists()
     assert any((tmp_path / "run/tensorboard").iterdir())
+    # sft eval data has answers, so the run ends with the base-vs-tuned report
+    report = json.loads((tmp_path / "run/report/results.json").read_text())
+    assert [r["label"] for r in report["results"]] == ["base", "tuned"]
+    assert all(len(r["rows"]) == 8 for r in report["results"])
+    assert result.outputs["report"].endswith("report.html")
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["steps"] == 25 and summary["parameters"]["trainable"] < summary["parameters"]["total"]
 

@@ -21,6 +21,7 @@ from tunesmith.core import distributed
 from tunesmith.core.loop import LoopResult, train_loop
 from tunesmith.data import DataStats
 from tunesmith.errors import TunesmithError
+from tunesmith.eval import in_run
 from tunesmith.methods import get_method
 from tunesmith.model import (
     apply_lora,
@@ -141,6 +142,7 @@ def _train(cfg: Config, info: distributed.DistInfo) -> RunResult:
     assert cfg.data.train is not None  # checked by the config
     train_data = method.build_data(cfg, tokenizer, cfg.data.train)
     eval_data = method.build_data(cfg, tokenizer, cfg.data.eval) if cfg.data.eval else None
+    run_eval = in_run.plan(cfg)
 
     seed_everything(cfg.train.seed)
     model = load_model(resolved, cfg.load, device=info.device)
@@ -163,6 +165,9 @@ def _train(cfg: Config, info: distributed.DistInfo) -> RunResult:
             + (f"\n  eval:  {eval_data.stats.summary()}" if eval_data else ""),
             flush=True,
         )
+    base_result = None
+    if run_eval is not None and info.is_main:
+        base_result = in_run.evaluate_base(model, tokenizer, run_eval, run_dir, resolved.spec)
     distributed.barrier(info)
 
     loop = train_loop(
@@ -186,6 +191,10 @@ def _train(cfg: Config, info: distributed.DistInfo) -> RunResult:
                 outputs["merged"] = str(save_merged(model, tokenizer, run_dir / "merged"))
         else:
             outputs["model"] = str(save_full(model, tokenizer, run_dir / "model"))
+        if run_eval is not None and base_result is not None:
+            report, headline = in_run.evaluate_tuned_and_report(model, tokenizer, run_eval, run_dir, base_result)
+            outputs["report"] = str(report)
+            print(headline, flush=True)
     distributed.barrier(info)
 
     result = RunResult(
