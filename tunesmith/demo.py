@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="default", help="model to tune (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--train-rows", type=int, default=320)
     parser.add_argument("--test-rows", type=int, default=48)
-    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=32)
     args = parser.parse_args(argv)
 
     from tunesmith.cli import quiet_libraries
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             "data": {"train": str(out / "data/train.jsonl"), "test": str(out / "data/test.jsonl")},
             "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
             "train": {"max_steps": args.steps, "batch_size": 4, "grad_accum": 1, "lr": 2e-3, "max_length": 256,
-                      "warmup_ratio": 0.1, "save_every": 12, "eval_every": 0, "seed": 0},
+                      "warmup_ratio": 0.1, "save_every": 16, "eval_every": 0, "seed": 0},
             "eval": {"metrics": list(METRICS), "max_new_tokens": 48, "batch_size": 16, "max_rows": None},
         }
     )
