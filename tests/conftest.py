@@ -24,6 +24,18 @@ def tiny_tokenizer(tiny_model_dir: Path):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's torch work on one thread: a width-64 model gains nothing from threads, and on a
+    shared CPU their barriers make small matmuls crawl."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     """Write rows as JSON lines."""
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

@@ -28,13 +28,7 @@ def boom(prompt, output, reference):
 '''
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """A width-64 model gains nothing from threads, and on a shared CPU their barriers make small matmuls crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _eval(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:

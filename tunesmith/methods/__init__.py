@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tunesmith.config import Config
+    from tunesmith.data import TokenizedData
 
 
 def get_method(name: str) -> ModuleType:
@@ -10,3 +15,19 @@ def get_method(name: str) -> ModuleType:
     from tunesmith.methods import pretrain, sft
 
     return {"sft": sft, "pretrain": pretrain}[name]
+
+
+def build_lm_data(cfg: Config, tokenizer, source: str, method: str) -> TokenizedData:
+    """Token rows for a next-token method (sft, pretrain) from the data and train sections of `cfg`."""
+    from tunesmith.data import build_dataset
+
+    return build_dataset(
+        source,
+        tokenizer,
+        method=method,
+        max_length=cfg.train.max_length,
+        packing=cfg.train.packing,
+        overflow=cfg.data.overflow,
+        format=cfg.data.format,
+        split=cfg.data.split,
+    )

@@ -6,23 +6,15 @@ from torch import nn
 
 from tunesmith.config import Config
 from tunesmith.core.lm_loss import CausalLMLoss
-from tunesmith.data import TokenizedData, build_dataset
+from tunesmith.data import TokenizedData
+from tunesmith.methods import build_lm_data
 
 NAME = "sft"
 
 
 def build_data(cfg: Config, tokenizer, source: str) -> TokenizedData:
     """Read, render with the chat template, mask to assistant tokens, and pack `source`."""
-    return build_dataset(
-        source,
-        tokenizer,
-        method=NAME,
-        max_length=cfg.train.max_length,
-        packing=cfg.train.packing,
-        overflow=cfg.data.overflow,
-        format=cfg.data.format,
-        split=cfg.data.split,
-    )
+    return build_lm_data(cfg, tokenizer, source, NAME)
 
 
 def loss_module(model: nn.Module) -> nn.Module:
