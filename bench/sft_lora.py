@@ -20,6 +20,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -342,6 +343,9 @@ def check_tokens(workdir: Path, model_path: str, max_length: int) -> dict:
 def run_side(side: str, args: argparse.Namespace, workdir: Path) -> dict:
     """Run one side in a child process (so its peak RSS is its own) and read back its result."""
     out = workdir / f"{side}.json"
+    # A reused --workdir: drop this side's earlier result and run folder (tunesmith refuses a finished run's folder).
+    out.unlink(missing_ok=True)
+    shutil.rmtree(workdir / f"{side}-run", ignore_errors=True)
     cmd = [
         sys.executable, str(Path(__file__).resolve()), "--side", side, "--workdir", str(workdir),
         "--model-path", args.model_path, "--max-length", str(args.max_length), "--epochs", str(args.epochs),
