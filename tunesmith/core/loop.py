@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tunesmith.config import TrainConfig
 from tunesmith.core import checkpoint as ckpt
 from tunesmith.core.distributed import DistInfo, all_reduce_sum
+from tunesmith.core.lm_loss import count_targets
 from tunesmith.core.logs import RunLogger, truncate_metrics
 from tunesmith.data import Row, collate
 
@@ -183,7 +184,7 @@ def train_loop(
             mine = [train_rows[i] for i in rows[info.rank * per_rank : (info.rank + 1) * per_rank]]
             micro = [collate(mine[i : i + cfg.batch_size], pad_id) for i in range(0, per_rank, cfg.batch_size)]
             counts = torch.tensor(
-                [sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro), sum(len(r.input_ids) for r in mine)],
+                [sum(count_targets(mb["labels"]) for mb in micro), sum(len(r.input_ids) for r in mine)],
                 dtype=torch.float64,
                 device=info.device,
             )

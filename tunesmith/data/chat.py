@@ -13,8 +13,8 @@ from bisect import bisect_left
 from collections.abc import Sequence
 
 from tunesmith.errors import TunesmithError
+from tunesmith.ops.losses import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 Span = tuple[int, int]  # [start, end) character offsets in the rendered text
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from tunesmith.ops.losses import IGNORE_INDEX
 
 
 @dataclass
