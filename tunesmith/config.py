@@ -17,7 +17,7 @@ import yaml
 
 from tunesmith.errors import TunesmithError
 
-METHODS = ("sft", "pretrain")
+METHODS = ("sft", "pretrain", "reward", "dpo")
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -80,6 +80,25 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class DpoConfig:
+    """Learning from preference pairs directly (method: dpo)."""
+
+    loss: Literal["sigmoid", "cdpo", "ipo", "simpo", "orpo"] = field(default="sigmoid", metadata=_doc("sigmoid = DPO (Rafailov 2023); cdpo = conservative DPO with label_smoothing; ipo (Azar 2023); simpo (Meng 2024) and orpo (Hong 2024) need no reference"))
+    beta: float = field(default=0.1, metadata=_doc("strength of the implicit reward: how far the policy may move from the reference (SimPO's reward scale; try 2.0 there)"))
+    label_smoothing: float = field(default=0.1, metadata=_doc("cdpo: the assumed share of pairs whose labels are flipped"))
+    simpo_gamma: float = field(default=0.5, metadata=_doc("simpo: the target reward margin"))
+    orpo_lambda: float = field(default=0.1, metadata=_doc("orpo: weight of the odds-ratio term added to the SFT loss"))
+    precompute_ref: bool = field(default=False, metadata=_doc("compute the reference log-probs once before training; full fine-tuning then needs no second model in memory"))
+
+
+@dataclass(kw_only=True)
+class RewardConfig:
+    """Training a reward model on preference pairs (method: reward)."""
+
+    use_margin: bool = field(default=True, metadata=_doc("subtract a pair's `margin` field (when the data has one) inside the Bradley-Terry loss, as in Llama 2"))
+
+
+@dataclass(kw_only=True)
 class EvalConfig:
     """The base-vs-tuned evaluation a run ends with (on data.test, or on sft's data.eval)."""
 
@@ -102,13 +121,15 @@ class OutputConfig:
 class Config:
     """One fine-tuning run."""
 
-    method: Literal["sft", "pretrain"] = field(default="sft", metadata=_doc("sft (prompt -> response, chats) or pretrain (plain domain text)"))
+    method: Literal["sft", "pretrain", "reward", "dpo"] = field(default="sft", metadata=_doc("sft (prompt -> response, chats), pretrain (plain domain text), reward (a reward model from preference pairs) or dpo (preference pairs, directly)"))
     model: str = field(default="default", metadata=_doc("local HF folder, hub id, .gguf file, or 'default' (SmolLM2-135M-Instruct)"))
     output_dir: str = field(default="runs/run", metadata=_doc("run folder: checkpoints, outputs, metrics, logs"))
     data: DataConfig = field(default_factory=DataConfig, metadata=_doc("data section"))
     lora: LoraConfig | None = field(default_factory=LoraConfig, metadata=_doc("LoRA section; null = full fine-tuning"))
     train: TrainConfig = field(default_factory=TrainConfig, metadata=_doc("training loop section"))
     load: LoadConfig = field(default_factory=LoadConfig, metadata=_doc("model loading section"))
+    dpo: DpoConfig = field(default_factory=DpoConfig, metadata=_doc("dpo section"))
+    reward: RewardConfig = field(default_factory=RewardConfig, metadata=_doc("reward-model section"))
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=_doc("base-vs-tuned evaluation section"))
     output: OutputConfig = field(default_factory=OutputConfig, metadata=_doc("outputs section"))
 
@@ -241,6 +262,13 @@ def _check(cfg: Config, problems: list[str]) -> None:
             problems.append(f"lora.r: must be at least 1, got {cfg.lora.r}")
         if isinstance(cfg.lora.dropout, float) and not 0 <= cfg.lora.dropout < 1:
             problems.append(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    d = cfg.dpo
+    if isinstance(d.beta, float) and d.beta <= 0:
+        problems.append(f"dpo.beta: must be positive, got {d.beta}")
+    if isinstance(d.label_smoothing, float) and not 0 <= d.label_smoothing < 0.5:
+        problems.append(f"dpo.label_smoothing: must be in [0, 0.5), got {d.label_smoothing}")
+    if isinstance(d.orpo_lambda, float) and d.orpo_lambda < 0:
+        problems.append(f"dpo.orpo_lambda: must be 0 or more, got {d.orpo_lambda}")
     if cfg.eval.max_new_tokens < 1:
         problems.append(f"eval.max_new_tokens: must be at least 1, got {cfg.eval.max_new_tokens}")
     if cfg.eval.max_rows is not None and cfg.eval.max_rows < 1:

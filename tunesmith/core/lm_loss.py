@@ -1,11 +1,12 @@
-"""Next-token loss of a causal LM, from its hidden states, for `sft` and `pretrain`."""
+"""Losses of a causal LM computed from its hidden states: next-token loss (`sft`, `pretrain`) and the
+per-sequence answer log-probabilities the preference methods compare."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from tunesmith.ops.losses import IGNORE_INDEX, chunked_cross_entropy_sum, shift_targets
+from tunesmith.ops.losses import IGNORE_INDEX, chunked_cross_entropy_sum, chunked_token_logps, shift_targets
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -42,6 +43,8 @@ class CausalLMLoss(nn.Module):
     The whole loss lives inside `forward` so DDP sees every parameter use in one call.
     """
 
+    reports_perplexity = True
+
     def __init__(self, model: nn.Module, chunk_size: int = 1024) -> None:
         super().__init__()
         self.model = model
@@ -59,9 +62,59 @@ class CausalLMLoss(nn.Module):
         positions, targets = shift_targets(labels)
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (counted, hidden)
         loss_sum = chunked_cross_entropy_sum(selected, targets, self._head, self.chunk_size)
-        return loss_sum, torch.tensor(targets.numel(), device=hidden.device)
+        return loss_sum, torch.tensor(targets.numel(), device=hidden.device), {}
+
+    @staticmethod
+    def count(batch: dict[str, torch.Tensor]) -> int:
+        """What the loss is averaged over: trained next-token positions."""
+        return count_targets(batch["labels"])
 
 
 def count_targets(labels: torch.Tensor) -> int:
     """Number of tokens a batch's loss counts (each document's first label is already ignored)."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The decoder stack (returns hidden states) and the output head of a causal LM, under any wrapper."""
+    lm = unwrap(model)
+    return lm.get_decoder(), _Head(lm)
+
+
+def num_sequences(seq_index: torch.Tensor) -> int:
+    """Sequences in a pair batch (seq_index numbers them 0..n-1, -1 on padding)."""
+    return int(seq_index.max()) + 1
+
+
+def answer_logps(
+    decoder: nn.Module,
+    head: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor,
+    seq_index: torch.Tensor,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probabilities of each sequence's answer tokens and their number, each (seqs,).
+
+    Sequences are whole documents inside packed rows (`seq_index` says which token belongs to which),
+    so chosen and rejected answers of many pairs go through one forward pass.
+    """
+    out = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False)
+    hidden = out.last_hidden_state  # (batch, seq, hidden)
+    positions, targets = shift_targets(labels)
+    selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (counted, hidden)
+    token_logps = chunked_token_logps(selected, targets, head, chunk_size)  # (counted,)
+    owner = seq_index.reshape(-1)[positions + 1]  # position p predicts token p + 1, in the same row
+    n = num_sequences(seq_index)
+    sums = token_logps.new_zeros(n).index_add(0, owner, token_logps)  # (seqs,)
+    counts = token_logps.new_zeros(n).index_add(0, owner, torch.ones_like(token_logps))  # (seqs,)
+    return sums, counts
+
+
+def last_positions(seq_index: torch.Tensor) -> torch.Tensor:
+    """Flat index (into batch * seq) of every sequence's last token: (seqs,)."""
+    flat = seq_index.reshape(-1)
+    where = (flat >= 0).nonzero(as_tuple=True)[0]
+    last = torch.full((num_sequences(seq_index),), -1, dtype=torch.long, device=seq_index.device)
+    return last.scatter_reduce(0, flat[where], where, reduce="amax")

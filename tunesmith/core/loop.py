@@ -1,8 +1,12 @@
 """The one training loop every method runs.
 
 AdamW, linear warm-up then cosine decay, gradient clipping, gradient accumulation with the loss
-normalised over all counted tokens of the global batch (across accumulation steps and ranks),
-periodic eval, atomic checkpoints with exact resume, and logs.
+normalised over everything counted in the global batch (tokens for next-token methods, pairs for
+preference methods; across accumulation steps and ranks), periodic eval, atomic checkpoints with
+exact resume, and logs.
+
+The loss module's forward returns (loss_sum, count, stats) where `stats` maps names to sums over the
+batch; its `count(batch)` says what one step's loss is averaged over, before the forward runs.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tunesmith.config import TrainConfig
 from tunesmith.core import checkpoint as ckpt
 from tunesmith.core.distributed import DistInfo, all_reduce_sum
-from tunesmith.core.lm_loss import count_targets
 from tunesmith.core.logs import RunLogger, truncate_metrics
 from tunesmith.data import Row, collate
+
+Collate = Callable[[list, int], dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -40,6 +45,10 @@ class LoopResult:
     wall_s: float
     peak_rss_mb: float
     history: list[dict] = field(default_factory=list)
+
+
+_ON_BAR = ("accuracy", "rewards/accuracy", "rewards/margin")  # shown on the progress bar when a method logs them
+_ON_EVAL_LINE = ("eval_loss", "eval_ppl", "eval_accuracy", "eval_margin", "eval_rewards/accuracy", "eval_rewards/margin")
 
 
 def total_steps(num_rows: int, cfg: TrainConfig, world_size: int) -> int:
@@ -112,24 +121,53 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def _sum_stats(total: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], device: torch.device) -> None:
+    for name, value in stats.items():
+        if name not in total:
+            total[name] = torch.zeros((), dtype=torch.float64, device=device)
+        total[name] += value.detach().double()
+
+
+def _reduce_stats(total: dict[str, torch.Tensor], count: float, info: DistInfo) -> dict[str, float]:
+    """Means over the global batch of summed statistics (every rank has the same names in the same order)."""
+    if not total:
+        return {}
+    stacked = torch.stack([total[k] for k in total])
+    all_reduce_sum(stacked, info)
+    return {k: v / count for k, v in zip(total, stacked.tolist())}
+
+
 @torch.no_grad()
-def evaluate(loss_module: nn.Module, rows: list[Row], batch_size: int, pad_id: int, info: DistInfo) -> dict[str, float]:
-    """Mean loss per counted token and perplexity over `rows`, sharded across ranks."""
+def evaluate(
+    loss_module: nn.Module, rows: list[Row], batch_size: int, pad_id: int, info: DistInfo, collate_fn: Collate = collate
+) -> dict[str, float]:
+    """Mean loss per counted item (and perplexity, for next-token losses) over `rows`, sharded across ranks."""
     was_training = loss_module.training
     loss_module.eval()
     mine = rows[info.rank :: info.world_size]
     loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
     count = torch.zeros((), dtype=torch.float64, device=info.device)
+    totals: dict[str, torch.Tensor] = {}
     for i in range(0, len(mine), batch_size):
-        batch = _to_device(collate(mine[i : i + batch_size], pad_id), info.device)
-        s, n = loss_module(**batch)
+        batch = _to_device(collate_fn(mine[i : i + batch_size], pad_id), info.device)
+        s, n, stats = loss_module(**batch)
         loss_sum += s.double()
         count += n.double()
+        _sum_stats(totals, stats, info.device)
     all_reduce_sum(loss_sum, info)
     all_reduce_sum(count, info)
     loss_module.train(was_training)
-    mean = (loss_sum / count.clamp_min(1)).item()
-    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0))}
+    total = max(count.item(), 1.0)
+    mean = loss_sum.item() / total
+    result = {"eval_loss": mean}
+    if getattr(_inner(loss_module), "reports_perplexity", False):
+        result["eval_ppl"] = math.exp(min(mean, 50.0))
+    result.update({f"eval_{k}": v for k, v in _reduce_stats(totals, total, info).items()})
+    return result
+
+
+def _inner(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, DistributedDataParallel) else module
 
 
 def train_loop(
@@ -142,6 +180,7 @@ def train_loop(
     run_dir: Path | None,
     info: DistInfo,
     pad_id: int,
+    collate_fn: Collate = collate,
 ) -> LoopResult:
     """Train `model` through `loss_module` on `train_rows`; resume from run_dir/checkpoints if present."""
     started = time.time()
@@ -182,24 +221,26 @@ def train_loop(
         while state.step < steps:
             rows = order.step_rows(state.step)
             mine = [train_rows[i] for i in rows[info.rank * per_rank : (info.rank + 1) * per_rank]]
-            micro = [collate(mine[i : i + cfg.batch_size], pad_id) for i in range(0, per_rank, cfg.batch_size)]
+            micro = [collate_fn(mine[i : i + cfg.batch_size], pad_id) for i in range(0, per_rank, cfg.batch_size)]
             counts = torch.tensor(
-                [sum(count_targets(mb["labels"]) for mb in micro), sum(len(r.input_ids) for r in mine)],
+                [sum(loss_module.count(mb) for mb in micro), sum(len(r.input_ids) for r in mine)],
                 dtype=torch.float64,
                 device=info.device,
             )
             all_reduce_sum(counts, info)
             global_count, global_tokens = max(counts[0].item(), 1.0), int(counts[1].item())
             loss_acc = torch.zeros((), dtype=torch.float64, device=info.device)
+            totals: dict[str, torch.Tensor] = {}
             for i, mb in enumerate(micro):
                 last = i == len(micro) - 1
                 sync = nullcontext() if (last or not info.enabled) else ddp_module.no_sync()
                 with sync:
-                    loss_sum, _ = ddp_module(**_to_device(mb, info.device))
+                    loss_sum, _, stats = ddp_module(**_to_device(mb, info.device))
                     # DDP averages gradients over ranks; scaling by world_size turns that into a sum,
                     # so the step's gradient is (sum of token losses) / (tokens of the global batch).
                     (loss_sum * (info.world_size / global_count)).backward()
                 loss_acc += loss_sum.detach().double()
+                _sum_stats(totals, stats, info.device)
             grad_norm = (
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
                 if cfg.max_grad_norm is not None
@@ -213,6 +254,7 @@ def train_loop(
             state.tokens_seen += global_tokens
             window_tokens += global_tokens
             final_loss = loss_acc.item() / global_count
+            step_stats = _reduce_stats(totals, global_count, info)
 
             if state.step % cfg.log_every == 0 or state.step == steps:
                 elapsed = max(time.time() - window_start, 1e-9)
@@ -224,18 +266,20 @@ def train_loop(
                     "tokens_per_s": tps,
                     "tokens_seen": state.tokens_seen,
                     "epoch": order.epoch_of(state.step),
+                    **step_stats,
                 }
                 history.append({"step": state.step, **metrics})
                 logger.log(state.step, metrics)
-                logger.progress(state.step - shown, {"loss": f"{final_loss:.4f}", "tok/s": f"{tps:,.0f}"})
+                shown_stats = {k.rsplit("/", 1)[-1][:3]: f"{v:.2f}" for k, v in step_stats.items() if k in _ON_BAR}
+                logger.progress(state.step - shown, {"loss": f"{final_loss:.4f}", **shown_stats, "tok/s": f"{tps:,.0f}"})
                 window_tokens, window_start, shown = 0, time.time(), state.step
 
             if eval_rows and ((cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == steps):
-                ev = evaluate(ddp_module, eval_rows, cfg.batch_size, pad_id, info)
+                ev = evaluate(ddp_module, eval_rows, cfg.batch_size, pad_id, info, collate_fn)
                 eval_loss = ev["eval_loss"]
                 history.append({"step": state.step, **ev})
                 logger.log(state.step, ev)
-                logger.write(f"step {state.step}: eval_loss {ev['eval_loss']:.4f}  eval_ppl {ev['eval_ppl']:.2f}")
+                logger.write(f"step {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items() if k in _ON_EVAL_LINE))
 
             if ckpt_root is not None and cfg.save_every and state.step % cfg.save_every == 0 and state.step < steps:
                 ckpt.save_checkpoint(ckpt_root, model, optimizer, scheduler, state, info, cfg.keep_checkpoints)

@@ -23,16 +23,7 @@ from tunesmith.data import DataStats
 from tunesmith.errors import TunesmithError
 from tunesmith.eval import in_run
 from tunesmith.methods import get_method
-from tunesmith.model import (
-    apply_lora,
-    count_parameters,
-    load_model,
-    load_tokenizer,
-    resolve_model,
-    save_adapter,
-    save_full,
-    save_merged,
-)
+from tunesmith.model import apply_lora, count_parameters, load_model, load_tokenizer, resolve_model
 
 SUMMARY = "summary.json"
 
@@ -108,7 +99,9 @@ def check_run_dir(cfg: Config) -> bool:
         return False  # stopped before its first checkpoint: start afresh in the same folder
     import yaml
 
-    diffs = _config_diff(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}, cfg.to_dict())
+    # output_dir may differ: a run folder that was moved or copied resumes where it now is
+    old = {**(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}), "output_dir": cfg.output_dir}
+    diffs = _config_diff(old, cfg.to_dict())
     if diffs:
         raise TunesmithError(
             f"output_dir {str(run_dir)!r} has a checkpoint from a different config; resuming needs the same "
@@ -142,7 +135,7 @@ def _train(cfg: Config, info: distributed.DistInfo) -> RunResult:
     assert cfg.data.train is not None  # checked by the config
     train_data = method.build_data(cfg, tokenizer, cfg.data.train)
     eval_data = method.build_data(cfg, tokenizer, cfg.data.eval) if cfg.data.eval else None
-    run_eval = in_run.plan(cfg)
+    run_eval = in_run.plan(cfg) if method.GENERATES else None
 
     seed_everything(cfg.train.seed)
     model = load_model(resolved, cfg.load, device=info.device)
@@ -150,6 +143,9 @@ def _train(cfg: Config, info: distributed.DistInfo) -> RunResult:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora)
+    lm = model
+    if hasattr(method, "wrap_model"):
+        model = method.wrap_model(model, cfg)
     trainable, total = count_parameters(model)
 
     run_dir = Path(cfg.output_dir)
@@ -167,32 +163,32 @@ def _train(cfg: Config, info: distributed.DistInfo) -> RunResult:
         )
     base_result = None
     if run_eval is not None and info.is_main:
-        base_result = in_run.evaluate_base(model, tokenizer, run_eval, run_dir, resolved.spec)
+        base_result = in_run.evaluate_base(lm, tokenizer, run_eval, run_dir, resolved.spec)
     distributed.barrier(info)
 
+    loss_module = method.loss_module(model, cfg)
+    if hasattr(method, "prepare"):
+        for data in (train_data, eval_data):
+            if data is not None:
+                method.prepare(loss_module, data, cfg, info)
     loop = train_loop(
         model=model,
-        loss_module=method.loss_module(model),
+        loss_module=loss_module,
         train_rows=train_data.rows,
         eval_rows=eval_data.rows if eval_data else None,
         cfg=cfg.train,
         run_dir=run_dir,
         info=info,
         pad_id=tokenizer.pad_token_id,
+        collate_fn=method.collate,
     )
 
     outputs: dict[str, str] = {}
     if info.is_main:
         model.eval()
-        if cfg.lora is not None:
-            if cfg.output.save_adapter:
-                outputs["adapter"] = str(save_adapter(model, tokenizer, run_dir / "adapter"))
-            if cfg.output.merge:
-                outputs["merged"] = str(save_merged(model, tokenizer, run_dir / "merged"))
-        else:
-            outputs["model"] = str(save_full(model, tokenizer, run_dir / "model"))
+        outputs.update(method.save_outputs(model, tokenizer, cfg, run_dir))
         if run_eval is not None and base_result is not None:
-            report, headline = in_run.evaluate_tuned_and_report(model, tokenizer, run_eval, run_dir, base_result)
+            report, headline = in_run.evaluate_tuned_and_report(lm, tokenizer, run_eval, run_dir, base_result)
             outputs["report"] = str(report)
             print(headline, flush=True)
     distributed.barrier(info)

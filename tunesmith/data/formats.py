@@ -61,6 +61,12 @@ def candidate_formats(records: Iterable, source: str) -> set[str]:
     for record, where in _pairs(records, source):
         fits = fitting_formats(record)
         if not fits:
+            if "chosen" in record and "rejected" in record:
+                raise TunesmithError(
+                    f"{where}: fields {_fields(record)} are preference data (chosen / rejected answers); train on "
+                    "them with method: dpo or method: reward, or give sft data (expected one of: "
+                    f"{_expected_text()})"
+                )
             raise TunesmithError(
                 f"{where}: fields {_fields(record)} fit no data format; expected one of: {_expected_text()}"
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from tunesmith.data.chat import IGNORE_INDEX
 from tunesmith.data.dataset import tokenize_samples
 from tunesmith.data.formats import FORMATS, detect_format, normalise_records
+from tunesmith.data.preference import is_preference_record, normalise_pairs, tokenize_pair_side
 from tunesmith.data.readers import load_records
 from tunesmith.errors import TunesmithError
 
@@ -21,6 +22,8 @@ def inspect_data(
     if format != "auto" and format not in FORMATS:
         raise TunesmithError(f"--format: expected auto or one of {', '.join(FORMATS)}, got {format!r}")
     records = load_records(source, split)
+    if format == "auto" and records and all(is_preference_record(r[0] if isinstance(r, tuple) else r) for r in records):
+        return _inspect_pairs(source, records, tokenizer, max_length)
     fmt = format if format != "auto" else detect_format(records, source)
     method = "pretrain" if fmt == "text" else "sft"  # plain text is pretraining data, the rest sft data
     normalised = normalise_records(records, fmt, source)
@@ -53,6 +56,40 @@ def inspect_data(
         "",
         f"example ({samples[0][2]}; trained tokens inside {MARK_OPEN} {MARK_CLOSE}):",
         _marked_text(samples[0][0], samples[0][1], tokenizer),
+    ]
+    return "\n".join(lines)
+
+
+def _inspect_pairs(source: str, records: list, tokenizer, max_length: int) -> str:
+    """The same report for preference pairs: both answers of each pair, and what is scored."""
+    pairs = normalise_pairs(records, source)
+    lines = [f"data:    {source}", "format:  preference pairs (detected; trains with method: reward or dpo)",
+             f"records: {len(records):,}"]
+    if tokenizer is None:
+        lengths = [len(p.chosen) + len(p.rejected) + sum(len(m["content"]) for m in p.prompt) for p in pairs]
+        lines += ["", "characters per pair (prompt and both answers):", *_histogram(lengths), "",
+                  "give --model M to count tokens, see truncation at max_length and the scored tokens"]
+        return "\n".join(lines)
+    sides = [(tokenize_pair_side(p.prompt, p.chosen, tokenizer, p.where),
+              tokenize_pair_side(p.prompt, p.rejected, tokenizer, p.where)) for p in pairs]
+    lengths = [len(ids) for pair in sides for ids, _ in pair]
+    scored = [len(labels) - labels.count(IGNORE_INDEX) for pair in sides for _, labels in pair]
+    num_long = sum(1 for pair in sides if any(len(ids) > max_length for ids, _ in pair))
+    (c_ids, c_labels), (r_ids, r_labels) = sides[0]
+    lines += [
+        f"tokens:  {sum(lengths):,} in {len(lengths):,} sequences ({sum(scored):,} answer tokens scored)",
+        "",
+        "tokens per sequence (prompt + one answer):",
+        *_histogram(lengths),
+        "",
+        f"pairs with a side longer than max_length={max_length}: {num_long:,} of {len(pairs):,} "
+        "(truncated with data.overflow=truncate, dropped with overflow=drop)",
+        "",
+        f"example ({pairs[0].where}; scored tokens inside {MARK_OPEN} {MARK_CLOSE}):",
+        "chosen:",
+        _marked_text(c_ids, c_labels, tokenizer),
+        "rejected:",
+        _marked_text(r_ids, r_labels, tokenizer),
     ]
     return "\n".join(lines)
 

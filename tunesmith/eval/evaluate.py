@@ -138,7 +138,7 @@ def answer_loss(model, tokenizer, examples: list[EvalExample], batch_size: int =
     try:
         for start in range(0, len(documents), batch_size):
             batch = collate(documents[start : start + batch_size], tokenizer.pad_token_id or 0)
-            s, n = loss_module(**{k: v.to(device) for k, v in batch.items()})
+            s, n, _ = loss_module(**{k: v.to(device) for k, v in batch.items()})
             loss_sum += float(s)
             count += int(n)
     finally:

@@ -6,9 +6,12 @@ from torch import nn
 
 from tunesmith.config import Config
 from tunesmith.core.lm_loss import CausalLMLoss
-from tunesmith.data import TokenizedData
-from tunesmith.methods import build_lm_data
+from tunesmith.data import TokenizedData, collate
+from tunesmith.methods import build_lm_data, save_lm_outputs
 
+__all__ = ["GENERATES", "NAME", "build_data", "collate", "loss_module", "save_outputs"]
+
+GENERATES = True
 NAME = "sft"
 
 
@@ -17,6 +20,9 @@ def build_data(cfg: Config, tokenizer, source: str) -> TokenizedData:
     return build_lm_data(cfg, tokenizer, source, NAME)
 
 
-def loss_module(model: nn.Module) -> nn.Module:
+def loss_module(model: nn.Module, cfg: Config) -> nn.Module:
     """Next-token cross-entropy over the assistant tokens."""
     return CausalLMLoss(model)
+
+
+save_outputs = save_lm_outputs

@@ -51,3 +51,25 @@ def chunked_cross_entropy_sum(
         else:
             total = total + _chunk_ce_sum(h, t, head)
     return total
+
+
+def _chunk_token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    logits = head(hidden).float()  # (chunk, vocab)
+    return -F.cross_entropy(logits, targets, reduction="none")  # (chunk,)
+
+
+def chunked_token_logps(
+    hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk_size: int = 1024
+) -> torch.Tensor:
+    """log p(target) of every row of `hidden`, chunk by chunk, never holding the full logits: (tokens,)."""
+    if hidden.shape[0] == 0:
+        return hidden.sum(-1) * 0.0
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h = hidden[start : start + chunk_size]
+        t = targets[start : start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(checkpoint(_chunk_token_logps, h, t, head, use_reentrant=False))
+        else:
+            parts.append(_chunk_token_logps(h, t, head))
+    return torch.cat(parts)
