@@ -33,6 +33,7 @@ chromium:
 bench: setup
 	$(PIP) install -q -e '.[dev,bench]'
 	$(PY) bench/sft_lora.py
+	$(PY) bench/dpo.py
 
 lint: setup
 	$(VENV)/bin/ruff check tunesmith tests bench

@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_compare = sub.add_parser("compare", help="evaluate base and tuned models on the same rows; HTML report")
     compare.add_arguments(p_compare)
 
+    from tunesmith.eval import score
+
+    p_score = sub.add_parser("score", help="score rows or preference pairs with a trained reward model")
+    score.add_arguments(p_score)
+
     p_eval = sub.add_parser("eval", help="generate answers on a data file, score them, measure perplexity")
     p_eval.add_argument("--model", required=True, help="model folder, hub id, .gguf, 'default', or a tunesmith run folder")
     p_eval.add_argument("--data", required=True, help="rows with prompts (and reference answers): any sft data format")

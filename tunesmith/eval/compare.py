@@ -32,6 +32,7 @@ def compare(
     base_label: str = "base",
     limit: int | None = None,
     device: str | None = None,
+    reward_model: str | None = None,
 ) -> Path:
     """Evaluate every model (label -> spec) on the same rows of `data` and write the report; returns report.html."""
     from tunesmith.eval.evaluate import evaluate, load_for_eval
@@ -44,6 +45,10 @@ def compare(
         raise TunesmithError(f"compare needs at least two models, got {len(models)}: add --tuned M or --model NAME=M")
     if limit is not None and limit < 1:
         raise TunesmithError(f"--limit: must be at least 1, got {limit}")
+    if reward_model is not None:
+        from tunesmith.methods.reward import find_reward_model
+
+        find_reward_model(reward_model)  # a wrong path fails before any generation
     settings.check()
     _check_metrics(metrics)
     examples = [e for e in load_eval_examples(data) if e.reference is not None]
@@ -68,6 +73,12 @@ def compare(
             del model, tokenizer
             _free_memory()
         results.append(result)
+    if reward_model is not None:
+        from tunesmith.eval.score import add_reward_scores
+
+        print(f"compare: scoring every answer with the reward model {reward_model}", flush=True)
+        add_reward_scores(results, examples, reward_model, batch_size=settings.batch_size)
+        _free_memory()
     title = " vs ".join(order)
     return write_report(results, examples, Path(out_dir), base_label=base_label, title=f"{title} on {Path(data).name}")
 
@@ -129,6 +140,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="longest generated answer")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="prompts generated together")
     parser.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N rows")
+    parser.add_argument("--reward-model", metavar="RUN", help="a `method: reward` run: adds a reward column and "
+                        "each model's win rate against the base, judged by it")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with a hub model")
     parser.set_defaults(func=main)
 
@@ -142,7 +155,7 @@ def main(args: argparse.Namespace) -> int:
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     load = LoadConfig(trust_remote_code=args.trust_remote_code)
     report = compare(models, args.data, args.out, metrics=args.metrics, settings=settings, load=load,
-                     limit=args.limit)
+                     limit=args.limit, reward_model=args.reward_model)
     # The headline was computed once for the report; reading it back keeps console and report identical.
     comparison = json.loads((report.parent / "results.json").read_text(encoding="utf-8"))["comparison"]
     print("\n".join(comparison["headline"]))

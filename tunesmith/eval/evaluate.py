@@ -52,6 +52,11 @@ def load_for_eval(spec: str, load: LoadConfig, device: torch.device | None = Non
 
 
 def _load_run(run: Path, spec: str, load: LoadConfig, device: torch.device | None):
+    if (run / "reward_model").is_dir():
+        raise TunesmithError(
+            f"run folder {spec!r} holds a reward model (method: reward), which scores answers but does not write "
+            f"them; use `tunesmith score --reward-model {spec}`, or `--reward-model {spec}` with tunesmith compare"
+        )
     if (run / "merged" / "config.json").is_file():
         return _load_plain(run / "merged", load, device)
     adapter = run / "adapter"

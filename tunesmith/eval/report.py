@@ -26,6 +26,8 @@ NUM_BOOTSTRAP = 2000
 SEED = 0  # one seed for every model: the same row scores give the same interval in any column
 MAX_EXAMPLES = 200  # rows shown in report.html; results.json holds all of them
 PERPLEXITY = "perplexity"
+REWARD = "reward"  # reward-model scores of the generated answers (tunesmith.eval.score)
+WIN_RATE = "reward_win_rate"  # share of rows where the reward model prefers a model's answer to the base's
 
 
 # ---------------------------------------------------------------- the numbers
@@ -79,6 +81,8 @@ def compare_results(results: list[EvalResult], base_label: str = "base") -> Comp
     measures = [_metric_measure(name, results, base) for name in _metric_names(results)]
     if any(r.perplexity is not None for r in results):
         measures.append(_perplexity_measure(results, base))
+    if any(REWARD in row.scores for r in results for row in r.rows):
+        measures.append(_win_rate_measure(results, base))
     comparison = Comparison(
         base_label=base_label,
         labels=labels,
@@ -140,6 +144,30 @@ def _metric_measure(name: str, results: list[EvalResult], base: EvalResult) -> M
                 score.delta, score.delta_lo, score.delta_hi = delta, dlo, dhi
                 score.verdict = _verdict(dlo, dhi, higher_is_better=True)
         measure.scores[r.label] = score
+    return measure
+
+
+def _win_rate_measure(results: list[EvalResult], base: EvalResult) -> Measure:
+    """Per row, 1 when the reward model scores a model's answer above the base's, 0.5 on a tie, else 0.
+
+    Its "delta" is against an even split (0.5), so the verdict says whether the model wins more often than not.
+    """
+    measure = Measure(name=WIN_RATE, higher_is_better=True, percent=True)
+    base_scores = _row_scores(base, REWARD)
+    for r in results:
+        if r is base:
+            continue
+        scores = _row_scores(r, REWARD)
+        shared = sorted(set(scores) & set(base_scores))
+        if not shared:
+            continue
+        wins = [1.0 if scores[k] > base_scores[k] else 0.5 if scores[k] == base_scores[k] else 0.0 for k in shared]
+        lo, hi = bootstrap_ci(wins, num_samples=NUM_BOOTSTRAP, confidence=CONFIDENCE, seed=SEED)
+        value = sum(wins) / len(wins)
+        measure.scores[r.label] = ModelScore(
+            value=value, lo=lo, hi=hi, num_rows=len(wins), delta=value - 0.5, delta_lo=lo - 0.5, delta_hi=hi - 0.5,
+            verdict=_verdict(lo - 0.5, hi - 0.5, higher_is_better=True),
+        )
     return measure
 
 
@@ -249,8 +277,9 @@ def _fmt_interval(lo: float | None, hi: float | None, percent: bool, *, signed: 
 
 def _headline_lines(c: Comparison) -> list[str]:
     lines = []
-    primary = next((m for m in c.measures if m.name != PERPLEXITY), None)
+    primary = next((m for m in c.measures if m.name not in (PERPLEXITY, REWARD, WIN_RATE)), None)
     ppl = next((m for m in c.measures if m.name == PERPLEXITY), None)
+    wins = next((m for m in c.measures if m.name == WIN_RATE), None)
     for label in c.labels:
         if label == c.base_label:
             continue
@@ -259,6 +288,11 @@ def _headline_lines(c: Comparison) -> list[str]:
             parts.append(_metric_sentence(primary, label, c.base_label))
         if ppl is not None and label in ppl.scores and c.base_label in ppl.scores:
             parts.append(_perplexity_sentence(ppl, label, c.base_label, alone=not parts))
+        if wins is not None and label in wins.scores:
+            w = wins.scores[label]
+            parts.append(f"Judged by the reward model, {label}'s answer beats {c.base_label}'s on "
+                         f"{_fmt_value(w.value, True)} of {w.num_rows} rows (95% CI "
+                         f"{_fmt_interval(w.lo, w.hi, True, signed=False)}; ties count half).")
         if parts:
             lines.append(" ".join(parts))
     return lines or ["no comparable scores: the models share no metric with the base"]
@@ -561,6 +595,10 @@ def _scores_section(c: Comparison, colors: dict[str, str]) -> str:
         "Percentages are shares of rows; deltas in points. Perplexity is that of the reference answers, "
         "lower is better."
     )
+    if any(m.name == WIN_RATE for m in c.measures):
+        note += (" Reward is the reward model's score of each generated answer; reward win rate is the share of "
+                 "rows where it scores the model's answer above the base's (ties count half), and its &Delta; is "
+                 "measured against an even 50%.")
     ppl = next((m for m in c.measures if m.name == PERPLEXITY), None)
     if ppl is not None and any(s.delta is not None and s.delta_lo is None for s in ppl.scores.values()):
         note += " Perplexity has no interval (the evaluation keeps one loss over all rows), so its colour shows " \

@@ -1,0 +1,534 @@
+"""DPO throughput and memory: tunesmith's `method: dpo` against TRL's DPOTrainer + PEFT LoRA, same model, data, settings.
+
+Run from the repository root (`make bench` runs it after bench/sft_lora.py):
+
+    python bench/dpo.py [--pairs 64] [--steps 8] [--max-length 512] [--threads N] [--workdir DIR]
+
+The parent process builds the data once (preference pairs cut from CPython's `pydoc_data.topics`, seeded:
+the prompt asks to quote a passage, `chosen` is that passage, `rejected` a slice of similar length from
+another topic or the passage with its sentences shuffled), writes it as JSONL (prompt/chosen/rejected
+strings), then runs each side in its own child process (`--side tunesmith|trl`) so that peak RSS is per
+side. It prints a settings line, one JSON line per side, one line of ratios (tunesmith / TRL) and one line
+that compares how the two sides tokenised the pairs.
+
+Shared settings: LoRA r=16, alpha=32, dropout 0 on all linear layers; sigmoid DPO loss, beta 0.1; the
+reference is the policy with its adapter disabled (TRL does this itself with `peft_config` and no
+`ref_model`); AdamW at a constant lr 5e-5, no warm-up, no weight decay, gradient clipping at 1.0; 8 pairs
+per step, no gradient accumulation; each sequence (prompt + answer, chat template applied on both sides)
+at most --max-length tokens; seed 0; float32; no gradient checkpointing unless asked for.
+
+TRL keeps its own defaults otherwise: padding_free off (TRL 1.16 ignores it anyway), precompute_ref_log_probs
+off, truncation_mode keep_start, pad_to_multiple_of auto (no padding on CPU/CUDA), disable_dropout on, its
+default optimizer. What is set on TRL's side only to match tunesmith: bf16/fp16 off (TRL defaults to bf16
+mixed precision), activation_checkpointing (transformers 5's name for gradient_checkpointing) off (TRL
+defaults to on), lr_scheduler_type constant (Trainer defaults to linear decay), learning_rate (TRL's DPO
+default is 1e-6), max_length (default 1024), and logging every step with no saving, eval or reporting.
+tunesmith runs without packing by default (so each step is exactly 8 pairs, as on TRL's side);
+--packing turns its default packing back on (a step is then 8 rows of several pairs each).
+
+Timing: training only, model loading and data preparation excluded. Both sides take a wall-clock stamp at
+the end of every optimizer step (tunesmith: the `time` field of its metrics.jsonl; TRL: a TrainerCallback's
+on_step_end); throughput runs from the end of step 1 to the end of the last step, so the first step is
+left out as warm-up. Tokens are counted the same way on both sides: the non-padding tokens of both
+sequences (prompt + chosen, prompt + rejected) of every pair trained on (tunesmith's `tokens_seen`, TRL's
+sum of the attention mask, its `num_tokens` metric).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# bench/ is on sys.path when this file runs as a script: reuse sft_lora's prompts and measurements.
+from sft_lora import PROMPTS, loss_summary, peak_rss_mib, read_jsonl, rss_mib
+
+ROOT = Path(__file__).resolve().parent.parent
+SIDES = ("tunesmith", "trl")
+
+# The settings both sides share; each side's code below maps them to its own config keys.
+LORA_R, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS = 16, 32, 0.0, "all-linear"
+LR, BATCH_SIZE, GRAD_ACCUM, SEED, MAX_GRAD_NORM = 5e-5, 8, 1, 0, 1.0
+DPO_LOSS, BETA = "sigmoid", 0.1
+
+
+# ---------------------------------------------------------------- data
+
+
+def _slice(text: str, length: int, rng: random.Random) -> str:
+    """A seeded slice of `text` of about `length` characters that starts at a word."""
+    length = min(length, len(text))
+    start = rng.randint(0, len(text) - length)
+    match = re.compile(r"(?<=\s)\S").search(text, start)
+    start = match.start() if match and match.start() <= len(text) - length else start
+    return text[start : start + length].rstrip()
+
+
+def _shuffled_sentences(text: str, rng: random.Random) -> str | None:
+    """`text` with its sentences in a different order, or None when it has too few to shuffle."""
+    sentences = [s for s in re.split(r"(?<=[.!?:])\s+", text.strip()) if s]
+    if len(sentences) < 3:
+        return None
+    for _ in range(5):
+        order = sentences[:]
+        rng.shuffle(order)
+        if order != sentences:
+            return " ".join(order)
+    return None
+
+
+def make_pairs(num_pairs: int, seed: int, min_chars: int = 80, max_chars: int = 1200) -> list[dict[str, str]]:
+    """Seeded prompt/chosen/rejected pairs: chosen quotes a pydoc topic, rejected is another topic or shuffled."""
+    from pydoc_data.topics import topics
+
+    rng = random.Random(seed)
+    names = sorted(topics)
+    pairs = []
+    while len(pairs) < num_pairs:
+        length = rng.randint(min_chars, max_chars)
+        name = rng.choice([n for n in names if len(topics[n]) >= length])
+        chosen = _slice(topics[name], length, rng)
+        rejected = _shuffled_sentences(chosen, rng) if rng.random() < 0.5 else None
+        if rejected is None:
+            # A passage of similar length (within 15%) from a different topic.
+            target = rng.randint(int(0.85 * len(chosen)), int(1.15 * len(chosen)) + 1)
+            other = rng.choice([n for n in names if n != name and len(topics[n]) >= target])
+            rejected = _slice(topics[other], target, rng)
+        if not chosen.strip() or not rejected.strip() or rejected == chosen:
+            continue
+        opening = " ".join(chosen.split()[:6])
+        prompt = rng.choice(PROMPTS).format(topic=name, opening=opening)
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return pairs
+
+
+# ---------------------------------------------------------------- shared measurements
+
+
+def timed_steps(stamps: list[float], tokens: list[int], pairs: list[int]) -> dict[str, float | int | None]:
+    """Throughput from the end of step 1 to the end of the last step (step 1 is warm-up, left out).
+
+    `stamps`, `tokens` and `pairs` hold, per step, its wall-clock end, and the cumulative tokens and pairs.
+    """
+    if len(stamps) < 2:
+        return {"timed_steps": 0, "timed_s": None, "steps_per_s": None, "s_per_step": None,
+                "pairs_per_s": None, "tokens_per_s": None}
+    timed_s = stamps[-1] - stamps[0]
+    steps = len(stamps) - 1
+    ok = timed_s > 0
+    return {
+        "timed_steps": steps,
+        "timed_s": timed_s,
+        "steps_per_s": steps / timed_s if ok else None,
+        "s_per_step": timed_s / steps,
+        "pairs_per_s": (pairs[-1] - pairs[0]) / timed_s if ok else None,
+        "tokens_per_s": (tokens[-1] - tokens[0]) / timed_s if ok else None,
+    }
+
+
+def side_result(
+    side: str,
+    *,
+    train_start: float,
+    stamps: list[float],
+    tokens: list[int],
+    pairs: list[int],
+    losses: list[float],
+    cpu_s: float,
+    **extra: Any,
+) -> dict:
+    """One side's result line: throughput without the first step, time per step, peak memory, losses."""
+    import torch
+
+    result: dict[str, Any] = {
+        "side": side,
+        **timed_steps(stamps, tokens, pairs),
+        "steps": len(stamps),
+        "pairs": pairs[-1] if pairs else 0,
+        "tokens": tokens[-1] if tokens else 0,
+        "first_step_s": stamps[0] - train_start if stamps else None,  # warm-up, not in the throughput
+        "peak_rss_mib": peak_rss_mib(),
+        **loss_summary(losses),
+        # CPU seconds of the whole process over the whole loop (first step included): less sensitive than
+        # wall time to other load on the machine.
+        "cpu_s": cpu_s,
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+        **extra,
+    }
+    if torch.cuda.is_available():
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+# ---------------------------------------------------------------- the two sides
+
+
+def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
+    """DPO with tunesmith (`method: dpo`), timed from the stamps of its metrics.jsonl."""
+    import tunesmith
+    import tunesmith.core.run as run_module
+
+    run_dir = workdir / "tunesmith-run"
+    cfg = {
+        "method": "dpo",
+        "model": "default",
+        "output_dir": str(run_dir),
+        "data": {"train": str(workdir / "train.jsonl")},
+        "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": LORA_TARGETS},
+        "dpo": {"loss": DPO_LOSS, "beta": BETA, "precompute_ref": False},
+        "train": {
+            "max_steps": args.steps,
+            "batch_size": BATCH_SIZE,
+            "grad_accum": GRAD_ACCUM,
+            "lr": LR,
+            "weight_decay": 0.0,
+            "warmup_ratio": 0.0,
+            "min_lr_ratio": 1.0,  # with no warm-up: a constant learning rate, as on the TRL side
+            "max_grad_norm": MAX_GRAD_NORM,
+            "max_length": args.max_length,
+            "packing": args.packing,
+            "seed": SEED,
+            "eval_every": 0,
+            "save_every": 0,
+            "log_every": 1,
+            "gradient_checkpointing": args.gradient_checkpointing,
+        },
+        "load": {"dtype": "float32"},
+        "eval": {"before": False},
+        "output": {"merge": False, "save_adapter": False},
+    }
+
+    loop = run_module.train_loop
+    seen = {"start": 0.0, "cpu_s": 0.0, "rss_at_start": 0.0}
+    pairs_per_batch: list[int] = []
+
+    def timed_loop(**kwargs: Any) -> Any:
+        """tunesmith's own loop, with its CPU time and the pairs of every collated micro-batch recorded."""
+        collate = kwargs["collate_fn"]
+
+        def counting_collate(rows: list, pad_id: int) -> Any:
+            """The method's collate; the loop collates a step's micro-batches at the start of that step."""
+            batch = collate(rows, pad_id)
+            pairs_per_batch.append(int(batch["margins"].numel()))
+            return batch
+
+        seen["rss_at_start"] = rss_mib()
+        seen["start"] = time.time()
+        cpu = time.process_time()
+        try:
+            return loop(**{**kwargs, "collate_fn": counting_collate})
+        finally:
+            seen["cpu_s"] = time.process_time() - cpu
+
+    run_module.train_loop = timed_loop
+    result = tunesmith.train(cfg)
+    records = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "tokens_seen" in r]
+    pairs, total = [], 0
+    for i in range(len(records)):
+        total += sum(pairs_per_batch[i * GRAD_ACCUM : (i + 1) * GRAD_ACCUM])
+        pairs.append(total)
+    stats = result.train_stats
+    return side_result(
+        "tunesmith",
+        train_start=seen["start"],
+        stamps=[r["time"] for r in records],
+        tokens=[r["tokens_seen"] for r in records],
+        pairs=pairs,
+        losses=[r["loss"] for r in records],
+        cpu_s=seen["cpu_s"],
+        rss_at_train_start_mib=seen["rss_at_start"],
+        final_accuracy=records[-1].get("rewards/accuracy") if records else None,
+        packing=args.packing,
+        data_pairs=stats.num_documents,
+        data_rows=stats.num_rows,
+        data_tokens=stats.num_tokens,
+        truncated_pairs=stats.num_truncated,
+        trainable_params=result.parameters.get("trainable"),
+    )
+
+
+def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
+    """DPO with TRL's DPOTrainer + PEFT LoRA on the same pairs in conversational form (TRL pads, no packing)."""
+    import datasets
+    import peft
+    import torch
+    import trl
+    from transformers import AutoTokenizer, TrainerCallback
+
+    class CountingDPOTrainer(trl.DPOTrainer):
+        """DPOTrainer that counts the pairs it trains on (a batch holds its chosen rows, then its rejected)."""
+
+        pairs_seen = 0
+
+        def training_step(self, model: Any, inputs: dict[str, Any], *rest: Any, **kwargs: Any) -> Any:
+            """Count the pairs of this micro-batch, then train on it as DPOTrainer does."""
+            self.pairs_seen += int(inputs["input_ids"].shape[0]) // 2
+            return super().training_step(model, inputs, *rest, **kwargs)
+
+    class Timer(TrainerCallback):
+        """Wall-clock stamp, cumulative tokens and pairs at the end of every step; CPU time over training."""
+
+        def __init__(self) -> None:
+            self.trainer: Any = None
+            self.begin = self.cpu_s = self.cpu_begin = self.rss_at_start = 0.0
+            self.stamps: list[float] = []
+            self.tokens: list[int] = []
+            self.pairs: list[int] = []
+
+        def on_train_begin(self, *_: Any, **__: Any) -> None:
+            self.rss_at_start = rss_mib()
+            self.begin = time.time()
+            self.cpu_begin = time.process_time()
+
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            self.stamps.append(time.time())
+            self.tokens.append(int(self.trainer._total_train_tokens))
+            self.pairs.append(int(self.trainer.pairs_seen))
+
+        def on_train_end(self, *_: Any, **__: Any) -> None:
+            self.cpu_s = time.process_time() - self.cpu_begin
+
+    # The same file as tunesmith reads, turned into TRL's conversational form so TRL applies the chat template.
+    raw = datasets.load_dataset(
+        "json", data_files=str(workdir / "train.jsonl"), split="train", cache_dir=str(workdir / "hf-datasets")
+    )
+    dataset = raw.map(
+        lambda r: {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "chosen": [{"role": "assistant", "content": r["chosen"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+        },
+        remove_columns=raw.column_names,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(args.model_path)
+    config = trl.DPOConfig(
+        output_dir=str(workdir / "trl-run"),
+        per_device_train_batch_size=BATCH_SIZE,
+        gradient_accumulation_steps=GRAD_ACCUM,
+        learning_rate=LR,  # TRL's DPO default is 1e-6
+        weight_decay=0.0,
+        lr_scheduler_type="constant",  # Trainer's default is linear decay; tunesmith runs constant here
+        max_grad_norm=MAX_GRAD_NORM,
+        max_steps=args.steps,
+        max_length=args.max_length,  # per sequence: prompt + chosen, prompt + rejected (TRL's default 1024)
+        loss_type=[DPO_LOSS],
+        beta=BETA,
+        seed=SEED,
+        bf16=False,  # TRL defaults to bf16 mixed precision; both sides train in float32 here
+        fp16=False,
+        activation_checkpointing=args.gradient_checkpointing,  # TRL defaults to on; tunesmith to off
+        model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"},
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+    )
+    lora = peft.LoraConfig(
+        task_type=peft.TaskType.CAUSAL_LM,
+        r=LORA_R,
+        lora_alpha=LORA_ALPHA,
+        lora_dropout=LORA_DROPOUT,
+        target_modules=LORA_TARGETS,
+        bias="none",
+    )
+    timer = Timer()
+    trainer = CountingDPOTrainer(
+        model=args.model_path,
+        ref_model=None,  # with peft_config: the reference is the policy with its adapter disabled
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[timer],
+    )
+    timer.trainer = trainer
+    trainer.train()
+    prepared = trainer.train_dataset
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    result = side_result(
+        "trl",
+        train_start=timer.begin,
+        stamps=timer.stamps,
+        tokens=timer.tokens,
+        pairs=timer.pairs,
+        losses=[e["loss"] for e in logs],
+        cpu_s=timer.cpu_s,
+        rss_at_train_start_mib=timer.rss_at_start,
+        final_accuracy=logs[-1].get("rewards/accuracies") if logs else None,
+        packing=False,
+        data_pairs=len(prepared),
+        data_rows=len(prepared),
+        data_tokens=sum(
+            min(len(p) + len(a), args.max_length)
+            for p, c, r in zip(prepared["prompt_ids"], prepared["chosen_ids"], prepared["rejected_ids"])
+            for a in (c, r)
+        ),
+        trainable_params=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+    )
+    # For the parent's tokenisation check; written after peak RSS was read.
+    tokens_seen = {k: [list(x) for x in prepared[k]] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    (workdir / "trl_tokens.json").write_text(json.dumps(tokens_seen))
+    return result
+
+
+# ---------------------------------------------------------------- parent
+
+
+def check_tokens(workdir: Path, model_path: str, max_length: int) -> dict:
+    """Compare TRL's tokenised pairs with tunesmith's: whole sequences, and the answer tokens each side scores."""
+    from tunesmith.config import LoadConfig
+    from tunesmith.data.preference import build_pairs
+    from tunesmith.model import load_tokenizer, resolve_model
+    from tunesmith.ops.losses import IGNORE_INDEX
+
+    tokenizer = load_tokenizer(resolve_model(model_path, LoadConfig()), LoadConfig())
+    docs = build_pairs(str(workdir / "train.jsonl"), tokenizer, max_length=max_length, packing=False).rows
+    trl_rows = json.loads((workdir / "trl_tokens.json").read_text())
+    same = scored_ts = scored_trl = 0
+    for doc, prompt, chosen, rejected in zip(docs, trl_rows["prompt_ids"], trl_rows["chosen_ids"], trl_rows["rejected_ids"]):
+        trl_seqs = [(prompt + answer)[:max_length] for answer in (chosen, rejected)]
+        start = 0
+        for n, trl_seq in zip(doc.seq_lens, trl_seqs):
+            same += doc.input_ids[start : start + n] == trl_seq
+            scored_ts += sum(label != IGNORE_INDEX for label in doc.labels[start : start + n])
+            scored_trl += max(0, len(trl_seq) - len(prompt))
+            start += n
+    return {
+        "check": "tokenisation",
+        "pairs": [len(docs), len(trl_rows["prompt_ids"])],
+        "sequences_with_same_input_ids": same,
+        "sequences": 2 * min(len(docs), len(trl_rows["prompt_ids"])),
+        "scored_tokens_tunesmith": scored_ts,
+        "scored_tokens_trl": scored_trl,
+    }
+
+
+def run_side(side: str, args: argparse.Namespace, workdir: Path) -> dict:
+    """Run one side in a child process (so its peak RSS is its own) and read back its result."""
+    out = workdir / f"{side}.json"
+    # A reused --workdir: drop this side's earlier result and run folder (tunesmith refuses a finished run's folder).
+    out.unlink(missing_ok=True)
+    shutil.rmtree(workdir / f"{side}-run", ignore_errors=True)
+    cmd = [
+        sys.executable, str(Path(__file__).resolve()), "--side", side, "--workdir", str(workdir),
+        "--model-path", args.model_path, "--max-length", str(args.max_length), "--steps", str(args.steps),
+    ]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
+    if args.packing:
+        cmd.append("--packing")
+    # The repository root first on the path: the children measure this checkout's tunesmith, whatever is installed.
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1"}
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    print(f"--- {side}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, env=env, check=False)
+    if proc.returncode != 0 or not out.exists():
+        raise SystemExit(f"{side} side failed (exit status {proc.returncode}); its output is above")
+    result = json.loads(out.read_text())
+    result["process_s"] = time.perf_counter() - started
+    return result
+
+
+def ratios(ts: dict, trl_result: dict) -> dict:
+    """tunesmith / TRL for throughput, time per step and peak memory."""
+
+    def ratio(key: str) -> float | None:
+        a, b = ts.get(key), trl_result.get(key)
+        return a / b if a is not None and b else None
+
+    keys = ("steps_per_s", "pairs_per_s", "tokens_per_s", "s_per_step", "peak_rss_mib", "peak_cuda_mib", "cpu_s")
+    return {"ratio": "tunesmith/trl", **{k: ratio(k) for k in keys if k in ts and k in trl_result}}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pairs", type=int, default=64, help="preference pairs to build (default 64)")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps on both sides (default 8; the first is warm-up)")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per sequence, prompt + answer (default 512)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed for building the pairs")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads in each side (default: torch's choice); 1 is steadier on a busy machine")
+    p.add_argument("--sides", default=",".join(SIDES), help="comma-separated sides to run, in order")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="turn it on for both sides (off by default)")
+    p.add_argument("--packing", action="store_true",
+                   help="tunesmith packs several pairs into each of its 8 rows (off by default: 8 pairs a step, as TRL)")
+    p.add_argument("--workdir", default=None, help="folder for data and run outputs (default: a new temp folder)")
+    p.add_argument("--no-check", action="store_true", help="skip comparing the two sides' tokenisation")
+    p.add_argument("--side", choices=SIDES, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model-path", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.pairs < 1:
+        p.error("--steps and --pairs must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parent: build data, run each side in a child, print JSON lines. Child (--side): train and write its result."""
+    args = parse_args(argv)
+    if args.side:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        workdir = Path(args.workdir)
+        result = (run_tunesmith if args.side == "tunesmith" else run_trl)(args, workdir)
+        (workdir / f"{args.side}.json").write_text(json.dumps(result))
+        return
+
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    unknown = sorted(set(sides) - set(SIDES))
+    if unknown:
+        raise SystemExit(f"--sides: unknown {', '.join(unknown)}; choose from {', '.join(SIDES)}")
+
+    from tunesmith.config import LoadConfig
+    from tunesmith.model import resolve_model
+
+    # Both sides load the same HF folder: the default model as tunesmith imports it from its .gguf.
+    args.model_path = resolve_model("default", LoadConfig()).path
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tunesmith-bench-dpo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / "train.jsonl", "w", encoding="utf-8") as f:
+        for pair in make_pairs(args.pairs, args.data_seed):
+            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+
+    settings = {
+        "settings": {
+            "pairs": args.pairs, "steps": args.steps, "max_length": args.max_length, "batch_pairs": BATCH_SIZE,
+            "grad_accum": GRAD_ACCUM, "lr": LR, "loss": DPO_LOSS, "beta": BETA,
+            "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": LORA_TARGETS},
+            "gradient_checkpointing": args.gradient_checkpointing, "tunesmith_packing": args.packing,
+            "threads": args.threads, "dtype": "float32", "seed": SEED,
+            "model_path": args.model_path, "workdir": str(workdir),
+        }
+    }
+    print(json.dumps(settings), flush=True)
+    results = {}
+    for side in sides:
+        results[side] = run_side(side, args, workdir)
+        print(json.dumps(results[side]), flush=True)
+    if "tunesmith" in results and "trl" in results:
+        print(json.dumps(ratios(results["tunesmith"], results["trl"])), flush=True)
+    if "trl" in results and not args.no_check:
+        print(json.dumps(check_tokens(workdir, args.model_path, args.max_length)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
