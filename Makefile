@@ -34,6 +34,7 @@ bench: setup
 	$(PIP) install -q -e '.[dev,bench]'
 	$(PY) bench/sft_lora.py
 	$(PY) bench/dpo.py
+	$(PY) bench/grpo.py
 
 lint: setup
 	$(VENV)/bin/ruff check tunesmith tests bench

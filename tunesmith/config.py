@@ -17,7 +17,7 @@ import yaml
 
 from tunesmith.errors import TunesmithError
 
-METHODS = ("sft", "pretrain", "reward", "dpo")
+METHODS = ("sft", "pretrain", "reward", "dpo", "grpo", "ppo")
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -89,6 +89,7 @@ class DpoConfig:
     simpo_gamma: float = field(default=0.5, metadata=_doc("simpo: the target reward margin"))
     orpo_lambda: float = field(default=0.1, metadata=_doc("orpo: weight of the odds-ratio term added to the SFT loss"))
     precompute_ref: bool = field(default=False, metadata=_doc("compute the reference log-probs once before training; full fine-tuning then needs no second model in memory"))
+    nll_weight: float = field(default=0.0, metadata=_doc("add this times the chosen answer's mean token NLL to sigmoid/cdpo/ipo/simpo losses (RPO, Pang et al. 2024): keeps DPO from pushing the chosen answer's likelihood down with the rejected one"))
 
 
 @dataclass(kw_only=True)
@@ -96,6 +97,51 @@ class RewardConfig:
     """Training a reward model on preference pairs (method: reward)."""
 
     use_margin: bool = field(default=True, metadata=_doc("subtract a pair's `margin` field (when the data has one) inside the Bradley-Terry loss, as in Llama 2"))
+
+
+@dataclass(kw_only=True)
+class RLConfig:
+    """Rollouts and rewards of the RL methods (grpo, ppo); train.batch_size counts prompts per step."""
+
+    rewards: list[str] = field(default_factory=list, metadata=_doc("reward functions: exact_match, contains, json_equal, regex:PATTERN, length_penalty:N, or module:function(prompts, completions, **fields) -> list[float]"))
+    reward_weights: list[float] | None = field(default=None, metadata=_doc("one weight per entry of rewards (default 1 each)"))
+    reward_model: str | None = field(default=None, metadata=_doc("a `method: reward` run (or its reward_model/ folder) that scores every completion"))
+    reward_model_weight: float = field(default=1.0, metadata=_doc("weight of the reward model's score in the total reward"))
+    group_size: int = field(default=4, metadata=_doc("completions sampled per prompt (GRPO's G; PPO usually 1)"))
+    max_new_tokens: int = field(default=64, metadata=_doc("longest completion"))
+    temperature: float = field(default=1.0, metadata=_doc("sampling temperature of the rollouts (must be above 0)"))
+    top_p: float = field(default=1.0, metadata=_doc("nucleus sampling of the rollouts (1 = off)"))
+    top_k: int = field(default=0, metadata=_doc("top-k sampling of the rollouts (0 = off)"))
+    stop: list[str] = field(default_factory=list, metadata=_doc("a completion ends at the first of these strings"))
+    update_epochs: int = field(default=1, metadata=_doc("passes over each batch of rollouts (GRPO's mu, PPO epochs)"))
+    minibatch_size: int | None = field(default=None, metadata=_doc("completions per optimizer update; null = one update over all of a step's completions per pass"))
+    micro_batch_size: int = field(default=8, metadata=_doc("completions per forward pass (memory only; the maths is the same)"))
+    clip_eps: float = field(default=0.2, metadata=_doc("PPO/GRPO ratio clip epsilon"))
+    kl_coef: float = field(default=0.04, metadata=_doc("weight of the KL penalty to the reference (GRPO's beta; PPO's initial coefficient)"))
+    samples_every: int = field(default=10, metadata=_doc("write sampled completions with their rewards to samples.jsonl every N steps (0 = never)"))
+
+
+@dataclass(kw_only=True)
+class GrpoConfig:
+    """Group relative policy optimisation (method: grpo)."""
+
+    scale_rewards: bool = field(default=True, metadata=_doc("divide advantages by the group's reward std (Shao 2024); false = Dr. GRPO (Liu 2025)"))
+    loss_normalization: Literal["token", "sequence", "constant"] = field(default="token", metadata=_doc("token: mean over all completion tokens of the batch (DAPO, Yu 2025); sequence: mean per completion, then over completions (GRPO, Shao 2024); constant: sum over tokens / (completions x max_new_tokens) (Dr. GRPO, Liu 2025)"))
+
+
+@dataclass(kw_only=True)
+class PpoConfig:
+    """PPO with a value head, as in InstructGPT (method: ppo)."""
+
+    gamma: float = field(default=1.0, metadata=_doc("discount of the per-token rewards"))
+    lam: float = field(default=0.95, metadata=_doc("GAE lambda"))
+    vf_coef: float = field(default=0.1, metadata=_doc("weight of the value loss"))
+    value_clip: float = field(default=0.2, metadata=_doc("clip range of the value change around the rollout's values"))
+    adaptive_kl: bool = field(default=False, metadata=_doc("steer the KL coefficient toward kl_target (Ziegler 2019); false = fixed rl.kl_coef"))
+    kl_target: float = field(default=6.0, metadata=_doc("adaptive KL: target KL per completion"))
+    kl_horizon: int = field(default=10000, metadata=_doc("adaptive KL: horizon in completions"))
+    whiten_advantages: bool = field(default=True, metadata=_doc("normalise advantages to mean 0, std 1 over the batch"))
+    whiten_rewards: bool = field(default=False, metadata=_doc("scale the scores to std 1 over the batch before GAE"))
 
 
 @dataclass(kw_only=True)
@@ -121,7 +167,7 @@ class OutputConfig:
 class Config:
     """One fine-tuning run."""
 
-    method: Literal["sft", "pretrain", "reward", "dpo"] = field(default="sft", metadata=_doc("sft (prompt -> response, chats), pretrain (plain domain text), reward (a reward model from preference pairs) or dpo (preference pairs, directly)"))
+    method: Literal["sft", "pretrain", "reward", "dpo", "grpo", "ppo"] = field(default="sft", metadata=_doc("sft (prompt -> response, chats), pretrain (plain domain text), reward (a reward model from preference pairs), dpo (preference pairs, directly), grpo or ppo (RL on prompts with rewards)"))
     model: str = field(default="default", metadata=_doc("local HF folder, hub id, .gguf file, or 'default' (SmolLM2-135M-Instruct)"))
     output_dir: str = field(default="runs/run", metadata=_doc("run folder: checkpoints, outputs, metrics, logs"))
     data: DataConfig = field(default_factory=DataConfig, metadata=_doc("data section"))
@@ -130,6 +176,9 @@ class Config:
     load: LoadConfig = field(default_factory=LoadConfig, metadata=_doc("model loading section"))
     dpo: DpoConfig = field(default_factory=DpoConfig, metadata=_doc("dpo section"))
     reward: RewardConfig = field(default_factory=RewardConfig, metadata=_doc("reward-model section"))
+    rl: RLConfig = field(default_factory=RLConfig, metadata=_doc("rollouts and rewards of grpo and ppo"))
+    grpo: GrpoConfig = field(default_factory=GrpoConfig, metadata=_doc("grpo section"))
+    ppo: PpoConfig = field(default_factory=PpoConfig, metadata=_doc("ppo section"))
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=_doc("base-vs-tuned evaluation section"))
     output: OutputConfig = field(default_factory=OutputConfig, metadata=_doc("outputs section"))
 
@@ -267,8 +316,12 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append(f"dpo.beta: must be positive, got {d.beta}")
     if isinstance(d.label_smoothing, float) and not 0 <= d.label_smoothing < 0.5:
         problems.append(f"dpo.label_smoothing: must be in [0, 0.5), got {d.label_smoothing}")
+    if isinstance(d.nll_weight, float) and d.nll_weight < 0:
+        problems.append(f"dpo.nll_weight: must be 0 or more, got {d.nll_weight}")
     if isinstance(d.orpo_lambda, float) and d.orpo_lambda < 0:
         problems.append(f"dpo.orpo_lambda: must be 0 or more, got {d.orpo_lambda}")
+    if cfg.method in ("grpo", "ppo"):
+        _check_rl(cfg, problems)
     if cfg.eval.max_new_tokens < 1:
         problems.append(f"eval.max_new_tokens: must be at least 1, got {cfg.eval.max_new_tokens}")
     if cfg.eval.max_rows is not None and cfg.eval.max_rows < 1:
@@ -281,6 +334,32 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append("model: required; a local folder, a hub id, a .gguf file or 'default'")
     if not cfg.output_dir:
         problems.append("output_dir: required; the folder the run writes to")
+
+
+def _check_rl(cfg: Config, problems: list[str]) -> None:
+    r = cfg.rl
+    if not r.rewards and not r.reward_model:
+        problems.append(f"rl.rewards / rl.reward_model: method {cfg.method} needs a reward; give reward functions "
+                        "(e.g. rl.rewards=[exact_match]) and/or a reward model run (rl.reward_model=runs/reward)")
+    if r.reward_weights is not None and len(r.reward_weights) != len(r.rewards):
+        problems.append(f"rl.reward_weights: {len(r.reward_weights)} weights for {len(r.rewards)} rewards; give one per reward")
+    for where, value in (("rl.group_size", r.group_size), ("rl.max_new_tokens", r.max_new_tokens),
+                         ("rl.update_epochs", r.update_epochs), ("rl.micro_batch_size", r.micro_batch_size)):
+        if isinstance(value, int) and value < 1:
+            problems.append(f"{where}: must be at least 1, got {value}")
+    if cfg.method == "grpo" and isinstance(r.group_size, int) and r.group_size < 2:
+        problems.append(f"rl.group_size: GRPO compares completions of the same prompt, so it needs at least 2, got {r.group_size}")
+    if r.minibatch_size is not None and r.minibatch_size < 1:
+        problems.append(f"rl.minibatch_size: must be at least 1 (or null), got {r.minibatch_size}")
+    if isinstance(r.temperature, float) and r.temperature <= 0:
+        problems.append(f"rl.temperature: rollouts are sampled, so it must be above 0, got {r.temperature}")
+    if isinstance(r.clip_eps, float) and not 0 < r.clip_eps < 1:
+        problems.append(f"rl.clip_eps: must be in (0, 1), got {r.clip_eps}")
+    if isinstance(r.kl_coef, float) and r.kl_coef < 0:
+        problems.append(f"rl.kl_coef: must be 0 or more, got {r.kl_coef}")
+    if isinstance(r.max_new_tokens, int) and r.max_new_tokens >= cfg.train.max_length:
+        problems.append(f"rl.max_new_tokens: {r.max_new_tokens} leaves no room for the prompt in "
+                        f"train.max_length={cfg.train.max_length}; raise train.max_length")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -74,8 +74,8 @@ def test_reward_full_finetune_trains_body_and_head(tmp_path: Path, tiny_model_di
 
 @pytest.mark.parametrize(
     "dpo", [{}, {"loss": "cdpo"}, {"loss": "ipo"}, {"loss": "simpo", "beta": 2.0}, {"loss": "orpo"},
-            {"precompute_ref": True}],
-    ids=["sigmoid", "cdpo", "ipo", "simpo", "orpo", "precomputed-ref"],
+            {"precompute_ref": True}, {"nll_weight": 1.0}],
+    ids=["sigmoid", "cdpo", "ipo", "simpo", "orpo", "precomputed-ref", "rpo"],
 )
 def test_dpo_raises_the_chosen_over_rejected_margin(dpo: dict, tmp_path: Path, tiny_model_dir: Path) -> None:
     cfg = _config(tiny_model_dir, tmp_path, "dpo")
@@ -85,8 +85,10 @@ def test_dpo_raises_the_chosen_over_rejected_margin(dpo: dict, tmp_path: Path, t
     lines = _metrics(tmp_path / "run")
     first = next(m for m in lines if "loss" in m)
     last_eval = [m for m in lines if "eval_loss" in m][-1]
-    if dpo.get("loss", "sigmoid") == "sigmoid":
+    if dpo.get("loss", "sigmoid") == "sigmoid" and not dpo.get("nll_weight"):
         assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 1
+    if dpo.get("nll_weight"):  # ln 2 plus the chosen answers' mean token NLL
+        assert first["loss"] > math.log(2) + 1.0
     # on held-out words, the log-prob of "good" rose relative to "bad"
     assert last_eval["eval_rewards/accuracy"] == 1.0
     assert last_eval["eval_logps/chosen"] - last_eval["eval_logps/rejected"] > 1.0

@@ -69,6 +69,12 @@ def test_orpo_stable_for_tiny_and_near_one_probabilities() -> None:
     assert torch.isfinite(loss).all()
 
 
+def test_rpo_sft_term_is_the_chosen_mean_nll() -> None:
+    from tunesmith.ops.preference import sft_term
+
+    assert sft_term(t(-0.25, -2.0)).tolist() == [0.25, 2.0]
+
+
 def test_bradley_terry_known_case() -> None:
     assert bradley_terry_loss(t(2.0), t(1.0)).item() == pytest.approx(softplus(-1.0))  # 0.313262
     assert bradley_terry_loss(t(2.0), t(1.0), margin=t(1.0)).item() == pytest.approx(math.log(2))

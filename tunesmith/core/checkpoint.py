@@ -11,7 +11,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ class TrainerState:
 
     step: int = 0
     tokens_seen: int = 0
+    method: dict[str, Any] = field(default_factory=dict)  # what a method carries between steps (e.g. a KL coefficient)
 
 
 def _fsync_file(path: Path) -> None:
@@ -121,7 +122,7 @@ def save_checkpoint(
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "trainer.json").write_text(json.dumps({"step": state.step, "tokens_seen": state.tokens_seen}))
+        (tmp / "trainer.json").write_text(json.dumps({"step": state.step, "tokens_seen": state.tokens_seen, "method": state.method}))
         files = {}
         for f in sorted(tmp.iterdir()):
             _fsync_file(f)
@@ -161,7 +162,7 @@ def load_checkpoint(
     rng_file = ckpt / f"rng-rank{info.rank}.pt"
     set_rng_state(torch.load(rng_file, weights_only=True))
     trainer = json.loads((ckpt / "trainer.json").read_text())
-    return TrainerState(step=trainer["step"], tokens_seen=trainer["tokens_seen"])
+    return TrainerState(step=trainer["step"], tokens_seen=trainer["tokens_seen"], method=trainer.get("method", {}))
 
 
 def clean_partial(root: Path) -> None:

@@ -100,16 +100,28 @@ def answer_logps(
     Sequences are whole documents inside packed rows (`seq_index` says which token belongs to which),
     so chosen and rejected answers of many pairs go through one forward pass.
     """
-    out = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False)
-    hidden = out.last_hidden_state  # (batch, seq, hidden)
-    positions, targets = shift_targets(labels)
-    selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (counted, hidden)
+    selected, targets, positions = labelled_states(decoder, input_ids, labels, position_ids)
     token_logps = chunked_token_logps(selected, targets, head, chunk_size)  # (counted,)
-    owner = seq_index.reshape(-1)[positions + 1]  # position p predicts token p + 1, in the same row
+    owner = token_owner(seq_index, positions)
     n = num_sequences(seq_index)
     sums = token_logps.new_zeros(n).index_add(0, owner, token_logps)  # (seqs,)
     counts = token_logps.new_zeros(n).index_add(0, owner, torch.ones_like(token_logps))  # (seqs,)
     return sums, counts
+
+
+def labelled_states(
+    decoder: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hidden states at the positions that predict a labelled token, those tokens, and the flat positions."""
+    out = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False)
+    hidden = out.last_hidden_state  # (batch, seq, hidden)
+    positions, targets = shift_targets(labels)
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions), targets, positions  # (counted, hidden)
+
+
+def token_owner(seq_index: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The sequence each predicted token belongs to: position p predicts token p + 1, in the same row."""
+    return seq_index.reshape(-1)[positions + 1]
 
 
 def last_positions(seq_index: torch.Tensor) -> torch.Tensor:

@@ -47,8 +47,8 @@ class LoopResult:
     history: list[dict] = field(default_factory=list)
 
 
-_ON_BAR = ("accuracy", "rewards/accuracy", "rewards/margin")  # shown on the progress bar when a method logs them
-_ON_EVAL_LINE = ("eval_loss", "eval_ppl", "eval_accuracy", "eval_margin", "eval_rewards/accuracy", "eval_rewards/margin")
+_ON_BAR = ("accuracy", "rewards/accuracy", "rewards/margin", "reward", "kl")  # shown on the progress bar when a method logs them
+_ON_EVAL_LINE = ("eval_loss", "eval_ppl", "eval_reward", "eval_accuracy", "eval_margin", "eval_rewards/accuracy", "eval_rewards/margin")
 
 
 def total_steps(num_rows: int, cfg: TrainConfig, world_size: int) -> int:
@@ -170,6 +170,59 @@ def _inner(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
 
+@dataclass
+class StepOutcome:
+    """What one training step did: its mean loss, gradient norm, statistic means, and tokens seen (global)."""
+
+    loss: float | None
+    grad_norm: float
+    stats: dict[str, float]
+    tokens: int = 0
+
+
+class Updater:
+    """One optimizer update from micro-batches: the loss is normalised over everything the loss module counts
+    in all of them (and on every rank), gradients are clipped, AdamW steps. The scheduler is the loop's."""
+
+    def __init__(self, ddp_module: nn.Module, loss_module: nn.Module, optimizer: torch.optim.Optimizer,
+                 trainable: list[nn.Parameter], max_grad_norm: float | None, info: DistInfo) -> None:
+        self.ddp_module = ddp_module
+        self.loss_module = loss_module
+        self.optimizer = optimizer
+        self.trainable = trainable
+        self.max_grad_norm = max_grad_norm
+        self.info = info
+
+    def __call__(self, micro: list[dict[str, torch.Tensor]]) -> StepOutcome:
+        """Forward and backward every micro-batch, then clip and step; returns the update's loss and statistics."""
+        info = self.info
+        count = torch.tensor([sum(self.loss_module.count(mb) for mb in micro)], dtype=torch.float64, device=info.device)
+        all_reduce_sum(count, info)
+        global_count = max(count.item(), 1.0)
+        loss_acc = torch.zeros((), dtype=torch.float64, device=info.device)
+        totals: dict[str, torch.Tensor] = {}
+        for i, mb in enumerate(micro):
+            last = i == len(micro) - 1
+            sync = nullcontext() if (last or not info.enabled) else self.ddp_module.no_sync()
+            with sync:
+                loss_sum, _, stats = self.ddp_module(**_to_device(mb, info.device))
+                # DDP averages gradients over ranks; scaling by world_size turns that into a sum,
+                # so the step's gradient is (sum of item losses) / (items of the global batch).
+                (loss_sum * (info.world_size / global_count)).backward()
+            loss_acc += loss_sum.detach().double()
+            _sum_stats(totals, stats, info.device)
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.max_grad_norm)
+            if self.max_grad_norm is not None
+            else torch.zeros(())
+        )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        all_reduce_sum(loss_acc, info)
+        return StepOutcome(loss=loss_acc.item() / global_count, grad_norm=float(grad_norm),
+                           stats=_reduce_stats(totals, global_count, info))
+
+
 def train_loop(
     *,
     model: nn.Module,
@@ -211,6 +264,10 @@ def train_loop(
     order = RowOrder(len(train_rows), cfg.batch_size * cfg.grad_accum * info.world_size, cfg.seed)
     per_rank = cfg.batch_size * cfg.grad_accum
     trainable = [p for p in model.parameters() if p.requires_grad]
+    update = Updater(ddp_module, loss_module, optimizer, trainable, cfg.max_grad_norm, info)
+    custom_step = getattr(loss_module, "train_step", None)
+    if custom_step is not None and hasattr(loss_module, "load_method_state"):
+        loss_module.load_method_state(state.method)
     history: list[dict] = []
     final_loss: float | None = None
     eval_loss: float | None = None
@@ -221,40 +278,21 @@ def train_loop(
         while state.step < steps:
             rows = order.step_rows(state.step)
             mine = [train_rows[i] for i in rows[info.rank * per_rank : (info.rank + 1) * per_rank]]
-            micro = [collate_fn(mine[i : i + cfg.batch_size], pad_id) for i in range(0, per_rank, cfg.batch_size)]
-            counts = torch.tensor(
-                [sum(loss_module.count(mb) for mb in micro), sum(len(r.input_ids) for r in mine)],
-                dtype=torch.float64,
-                device=info.device,
-            )
-            all_reduce_sum(counts, info)
-            global_count, global_tokens = max(counts[0].item(), 1.0), int(counts[1].item())
-            loss_acc = torch.zeros((), dtype=torch.float64, device=info.device)
-            totals: dict[str, torch.Tensor] = {}
-            for i, mb in enumerate(micro):
-                last = i == len(micro) - 1
-                sync = nullcontext() if (last or not info.enabled) else ddp_module.no_sync()
-                with sync:
-                    loss_sum, _, stats = ddp_module(**_to_device(mb, info.device))
-                    # DDP averages gradients over ranks; scaling by world_size turns that into a sum,
-                    # so the step's gradient is (sum of token losses) / (tokens of the global batch).
-                    (loss_sum * (info.world_size / global_count)).backward()
-                loss_acc += loss_sum.detach().double()
-                _sum_stats(totals, stats, info.device)
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                if cfg.max_grad_norm is not None
-                else torch.zeros(())
-            )
-            optimizer.step()
+            if custom_step is not None:
+                # e.g. RL: roll out, score, then one or more updates through `update`
+                outcome = custom_step(mine, step=state.step, update=update, run_dir=run_dir)
+            else:
+                micro = [collate_fn(mine[i : i + cfg.batch_size], pad_id) for i in range(0, per_rank, cfg.batch_size)]
+                outcome = update(micro)
+                tokens = torch.tensor([sum(len(r.input_ids) for r in mine)], dtype=torch.float64, device=info.device)
+                all_reduce_sum(tokens, info)
+                outcome.tokens = int(tokens.item())
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            all_reduce_sum(loss_acc, info)
             state.step += 1
-            state.tokens_seen += global_tokens
-            window_tokens += global_tokens
-            final_loss = loss_acc.item() / global_count
-            step_stats = _reduce_stats(totals, global_count, info)
+            state.tokens_seen += outcome.tokens
+            window_tokens += outcome.tokens
+            final_loss = outcome.loss
+            grad_norm, step_stats = outcome.grad_norm, outcome.stats
 
             if state.step % cfg.log_every == 0 or state.step == steps:
                 elapsed = max(time.time() - window_start, 1e-9)
@@ -262,7 +300,7 @@ def train_loop(
                 metrics = {
                     "loss": final_loss,
                     "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
+                    "grad_norm": grad_norm,
                     "tokens_per_s": tps,
                     "tokens_seen": state.tokens_seen,
                     "epoch": order.epoch_of(state.step),
@@ -271,17 +309,23 @@ def train_loop(
                 history.append({"step": state.step, **metrics})
                 logger.log(state.step, metrics)
                 shown_stats = {k.rsplit("/", 1)[-1][:3]: f"{v:.2f}" for k, v in step_stats.items() if k in _ON_BAR}
-                logger.progress(state.step - shown, {"loss": f"{final_loss:.4f}", **shown_stats, "tok/s": f"{tps:,.0f}"})
+                loss_text = f"{final_loss:.4f}" if final_loss is not None else "-"
+                logger.progress(state.step - shown, {"loss": loss_text, **shown_stats, "tok/s": f"{tps:,.0f}"})
                 window_tokens, window_start, shown = 0, time.time(), state.step
 
             if eval_rows and ((cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == steps):
-                ev = evaluate(ddp_module, eval_rows, cfg.batch_size, pad_id, info, collate_fn)
-                eval_loss = ev["eval_loss"]
+                if hasattr(loss_module, "evaluate_rows"):  # e.g. RL: the mean reward on held-out prompts
+                    ev = loss_module.evaluate_rows(eval_rows, step=state.step)
+                else:
+                    ev = evaluate(ddp_module, eval_rows, cfg.batch_size, pad_id, info, collate_fn)
+                eval_loss = ev.get("eval_loss", eval_loss)
                 history.append({"step": state.step, **ev})
                 logger.log(state.step, ev)
                 logger.write(f"step {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items() if k in _ON_EVAL_LINE))
 
             if ckpt_root is not None and cfg.save_every and state.step % cfg.save_every == 0 and state.step < steps:
+                if hasattr(loss_module, "method_state"):
+                    state.method = loss_module.method_state()
                 ckpt.save_checkpoint(ckpt_root, model, optimizer, scheduler, state, info, cfg.keep_checkpoints)
     finally:
         logger.close()

@@ -7,6 +7,7 @@ folder is created, so a bad input leaves nothing behind.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from tunesmith.methods import get_method
 from tunesmith.model import apply_lora, count_parameters, load_model, load_tokenizer, resolve_model
 
 SUMMARY = "summary.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -136,6 +138,9 @@ def _train(cfg: Config, info: distributed.DistInfo) -> RunResult:
     train_data = method.build_data(cfg, tokenizer, cfg.data.train)
     eval_data = method.build_data(cfg, tokenizer, cfg.data.eval) if cfg.data.eval else None
     run_eval = in_run.plan(cfg) if method.GENERATES else None
+    if not method.GENERATES and cfg.data.test:
+        log.warning("data.test is ignored for method %s: it trains a model that scores answers, not one that "
+                    "writes them; put held-out pairs in data.eval for its accuracy", cfg.method)
 
     seed_everything(cfg.train.seed)
     model = load_model(resolved, cfg.load, device=info.device)
@@ -166,7 +171,7 @@ def _train(cfg: Config, info: distributed.DistInfo) -> RunResult:
         base_result = in_run.evaluate_base(lm, tokenizer, run_eval, run_dir, resolved.spec)
     distributed.barrier(info)
 
-    loss_module = method.loss_module(model, cfg)
+    loss_module = method.loss_module(model, cfg, tokenizer)
     if hasattr(method, "prepare"):
         for data in (train_data, eval_data):
             if data is not None:

@@ -110,7 +110,7 @@ def _import_metric(name: str) -> Metric:
     module_name, _, attr = name.rpartition(":")
     if not module_name or not attr:
         raise TunesmithError(f"metric {name!r}: expected module:function, e.g. mymetrics:score")
-    module = _import_module(module_name, name)
+    module = import_module_of(module_name, name)
     fn = getattr(module, attr, None)
     if fn is None:
         defined = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
@@ -132,18 +132,19 @@ def _import_metric(name: str) -> Metric:
     return fn
 
 
-def _import_module(module_name: str, name: str):
+def import_module_of(module_name: str, name: str, kind: str = "metric"):
+    """Import the module of a user's `module:function` (or `path/file.py:function`), with clear errors."""
     path = Path(module_name)
     if path.suffix == ".py":
         if not path.is_file():
-            raise TunesmithError(f"metric {name!r}: file {module_name!r} not found (relative to {Path.cwd()})")
+            raise TunesmithError(f"{kind} {name!r}: file {module_name!r} not found (relative to {Path.cwd()})")
         spec = importlib.util.spec_from_file_location(f"tunesmith_user_metric_{path.stem}", path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(module)
         except Exception as exc:
-            raise TunesmithError(f"metric {name!r}: running {module_name} failed: {_describe(exc)}") from exc
+            raise TunesmithError(f"{kind} {name!r}: running {module_name} failed: {_describe(exc)}") from exc
         return module
     # The `tunesmith` console script does not put the current folder on sys.path; `python -m` does.
     added = os.getcwd() not in sys.path
@@ -154,12 +155,12 @@ def _import_module(module_name: str, name: str):
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
             raise TunesmithError(
-                f"metric {name!r}: module {module_name!r} not found; put {module_name.replace('.', '/')}.py in the "
+                f"{kind} {name!r}: module {module_name!r} not found; put {module_name.replace('.', '/')}.py in the "
                 f"current folder ({Path.cwd()}) or on PYTHONPATH, or give a file path (path/to/file.py:function)"
             ) from None
-        raise TunesmithError(f"metric {name!r}: importing {module_name!r} failed: {_describe(exc)}") from exc
+        raise TunesmithError(f"{kind} {name!r}: importing {module_name!r} failed: {_describe(exc)}") from exc
     except Exception as exc:
-        raise TunesmithError(f"metric {name!r}: importing {module_name!r} failed: {_describe(exc)}") from exc
+        raise TunesmithError(f"{kind} {name!r}: importing {module_name!r} failed: {_describe(exc)}") from exc
     finally:
         if added:
             sys.path.remove(os.getcwd())

@@ -4,7 +4,7 @@ A method module provides:
   NAME; GENERATES (True when the tuned model generates, so the base-vs-tuned report applies);
   build_data(cfg, tokenizer, source) -> TokenizedData;
   collate(rows, pad_id) -> batch;
-  loss_module(model, cfg) -> a module whose forward(**batch) returns (loss_sum, count, stats_sums)
+  loss_module(model, cfg, tokenizer) -> a module whose forward(**batch) returns (loss_sum, count, stats_sums)
       and whose `count(batch)` is what the loss is averaged over;
   save_outputs(model, tokenizer, cfg, run_dir) -> {name: path};
 and optionally
@@ -27,9 +27,9 @@ if TYPE_CHECKING:
 
 def get_method(name: str) -> ModuleType:
     """The module implementing method `name`."""
-    from tunesmith.methods import dpo, pretrain, reward, sft
+    from tunesmith.methods import dpo, grpo, ppo, pretrain, reward, sft
 
-    return {"sft": sft, "pretrain": pretrain, "reward": reward, "dpo": dpo}[name]
+    return {"sft": sft, "pretrain": pretrain, "reward": reward, "dpo": dpo, "grpo": grpo, "ppo": ppo}[name]
 
 
 def build_lm_data(cfg: Config, tokenizer, source: str, method: str) -> TokenizedData:
@@ -61,6 +61,23 @@ def build_pair_data(cfg: Config, tokenizer, source: str, *, trim_pad: bool = Fal
         split=cfg.data.split,
         trim_pad=trim_pad,
     )
+
+
+def build_rl_data(cfg: Config, tokenizer, source: str) -> TokenizedData:
+    """Prompt rows for grpo and ppo; the rewards are resolved and checked against the rows here, before any run."""
+    import torch.distributed as dist
+
+    from tunesmith.errors import TunesmithError
+    from tunesmith.rollout.rewards import RewardSet
+    from tunesmith.rollout.sequences import build_prompts
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise TunesmithError(f"method {cfg.method} runs on one process for now; start it without torchrun")
+    data = build_prompts(source, tokenizer, max_length=cfg.train.max_length, max_new_tokens=cfg.rl.max_new_tokens,
+                         split=cfg.data.split)
+    rewards = RewardSet(cfg.rl.rewards, cfg.rl.reward_weights, cfg.rl.reward_model, cfg.rl.reward_model_weight)
+    rewards.check_answers(all(r.fields.get("answer") is not None for r in data.rows), source)
+    return data
 
 
 def save_lm_outputs(model: nn.Module, tokenizer, cfg: Config, run_dir: Path) -> dict[str, str]:

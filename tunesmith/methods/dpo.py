@@ -20,6 +20,7 @@ from tunesmith.data import TokenizedData
 from tunesmith.data.preference import collate_pairs, count_pairs
 from tunesmith.methods import build_pair_data, save_lm_outputs
 from tunesmith.ops import preference as losses
+from tunesmith.ops.preference import sft_term
 
 __all__ = ["GENERATES", "NAME", "build_data", "collate", "loss_module", "prepare", "save_outputs"]
 
@@ -36,7 +37,7 @@ def build_data(cfg: Config, tokenizer, source: str) -> TokenizedData:
     return build_pair_data(cfg, tokenizer, source)
 
 
-def loss_module(model: nn.Module, cfg: Config) -> nn.Module:
+def loss_module(model: nn.Module, cfg: Config, tokenizer=None) -> nn.Module:
     """The configured DPO-family loss on `model`, with its reference."""
     needs_ref = cfg.dpo.loss not in REFERENCE_FREE
     frozen = None
@@ -135,6 +136,8 @@ class DpoLoss(nn.Module):
                 pair_losses = losses.orpo_loss(chosen_mean, rejected_mean, c.orpo_lambda)
                 scale = c.orpo_lambda
             reward_chosen, reward_rejected = scale * chosen_mean.detach(), scale * rejected_mean.detach()
+        if c.nll_weight > 0 and c.loss != "orpo":  # ORPO has its own SFT term
+            pair_losses = pair_losses + c.nll_weight * sft_term(chosen_mean)
         stats = {
             "rewards/chosen": reward_chosen.sum(),
             "rewards/rejected": reward_rejected.sum(),

@@ -59,7 +59,7 @@ def build_data(cfg: Config, tokenizer, source: str) -> TokenizedData:
     return build_pair_data(cfg, tokenizer, source, trim_pad=True)
 
 
-def loss_module(model: RewardModel, cfg: Config) -> nn.Module:
+def loss_module(model: RewardModel, cfg: Config, tokenizer=None) -> nn.Module:
     """Bradley-Terry loss on the rewards of chosen and rejected answers."""
     return RewardLoss(model, cfg.reward)
 

@@ -20,7 +20,7 @@ def build_data(cfg: Config, tokenizer, source: str) -> TokenizedData:
     return build_lm_data(cfg, tokenizer, source, NAME)
 
 
-def loss_module(model: nn.Module, cfg: Config) -> nn.Module:
+def loss_module(model: nn.Module, cfg: Config, tokenizer=None) -> nn.Module:
     """Next-token cross-entropy over the assistant tokens."""
     return CausalLMLoss(model)
 

@@ -73,3 +73,20 @@ def chunked_token_logps(
         else:
             parts.append(_chunk_token_logps(h, t, head))
     return torch.cat(parts)
+
+
+@torch.no_grad()
+def chunked_token_logps_entropy(
+    hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Without gradients: log p(target) and the entropy of the next-token distribution at every row: (tokens,) each."""
+    logps, entropies = [], []
+    for start in range(0, hidden.shape[0], chunk_size):
+        logits = head(hidden[start : start + chunk_size]).float()  # (chunk, vocab)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        logps.append(log_probs.gather(-1, targets[start : start + chunk_size, None]).squeeze(-1))
+        entropies.append(-(log_probs.exp() * log_probs).sum(-1))
+    if not logps:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat(logps), torch.cat(entropies)

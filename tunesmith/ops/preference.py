@@ -98,3 +98,8 @@ def _log1m_exp(x: torch.Tensor) -> torch.Tensor:
     """log(1 − exp(x)) for x < 0, stable near 0 and for very negative x (Mächler 2012)."""
     x = x.clamp_max(-1e-7)
     return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def sft_term(chosen_mean_logps: torch.Tensor) -> torch.Tensor:
+    """The chosen answer's mean token NLL, −log π(y_w|x) / |y_w|, added to DPO in RPO (Pang et al. 2024, eq. 2)."""
+    return -chosen_mean_logps

@@ -1,0 +1,154 @@
+"""grpo and ppo end to end on the tiny model, with a verifiable reward the policy can learn."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import tunesmith
+from tests.conftest import write_jsonl
+from tests.helpers import WORDS, final_weights
+from tunesmith.core import checkpoint as ckpt
+from tunesmith.errors import TunesmithError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CALLS = {"n": 0}
+
+
+def share_of_e(prompts: list[str], completions: list[str], **fields) -> list[float]:
+    """A dense, verifiable reward: the share of the letter e in the completion."""
+    return [c.count("e") / max(1, len(c)) for c in completions]
+
+
+def constant(prompts: list[str], completions: list[str], **fields) -> list[float]:
+    """The same reward for everything: every group is level, nothing to learn."""
+    return [1.0] * len(completions)
+
+
+def fails_on_third_call(prompts: list[str], completions: list[str], **fields) -> list[float]:
+    """Works twice, then raises."""
+    CALLS["n"] += 1
+    if CALLS["n"] >= 3:
+        raise RuntimeError("reward server down")
+    return [0.0] * len(completions)
+
+
+def sees_answers(prompts: list[str], completions: list[str], answer: list[str], topic: list[str], **_) -> list[float]:
+    """Checks that row fields arrive, one per completion."""
+    assert len(answer) == len(completions) == len(topic) and all(a in WORDS for a in answer)
+    return [float(a in c) for a, c in zip(answer, completions)]
+
+
+def _config(model_dir: Path, tmp: Path, method: str, reward: str, **rl) -> dict:
+    rows = [{"prompt": f"Write about {w}", "answer": w, "topic": "words"} for w in WORDS[:16]]
+    data = write_jsonl(tmp / "prompts.jsonl", rows)
+    return {
+        "method": method,
+        "model": str(model_dir),
+        "output_dir": str(tmp / "run"),
+        "data": {"train": str(data), "eval": str(data)},
+        "lora": None,
+        "rl": {"rewards": [f"tests.methods.test_rl_methods:{reward}"], "group_size": 4, "max_new_tokens": 8,
+               "update_epochs": 2, "samples_every": 5, **rl},
+        "train": {"max_steps": 30, "batch_size": 4, "lr": 1e-2, "max_length": 64, "warmup_ratio": 0.0,
+                  "eval_every": 0, "save_every": 0, "seed": 3},
+        "eval": {"before": False},
+    }
+
+
+def _history(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(("method", "factor"), [("grpo", 3.0), ("ppo", 1.4)])
+def test_mean_reward_rises(method: str, factor: float, tmp_path: Path, tiny_model_dir: Path) -> None:
+    cfg = _config(tiny_model_dir, tmp_path, method, "share_of_e")
+    if method == "ppo":  # the score is small next to the KL penalty: scale it to std 1 (as InstructGPT normalised it)
+        cfg["ppo"] = {"whiten_rewards": True}
+    result = tunesmith.train(cfg)
+    rewards = [h["reward"] for h in _history(tmp_path / "run") if "reward" in h]
+    assert len(rewards) == 30
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > factor * first, rewards
+    line = _history(tmp_path / "run")[-2]  # the last step's metrics (the last line is the eval)
+    for key in ("reward_std", "kl", "entropy", "clip_frac", "completion_length"):
+        assert key in line, key
+    if method == "ppo":
+        assert {"value_loss", "explained_variance", "kl_coef"} <= set(line)
+    else:
+        assert "frac_zero_adv_groups" in line
+    assert "eval_reward" in _history(tmp_path / "run")[-1]
+    samples = [json.loads(x) for x in (tmp_path / "run/samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {5, 10, 15, 20, 25, 30} and len(samples) == 6 * 16
+    assert set(result.outputs) >= {"model"}
+
+
+def test_kl_is_zero_at_the_start_under_lora(tmp_path: Path, tiny_model_dir: Path) -> None:
+    cfg = _config(tiny_model_dir, tmp_path, "grpo", "share_of_e")
+    cfg["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0}
+    cfg["train"].update(max_steps=2, lr=1e-2)
+    tunesmith.train(cfg)
+    steps = [h for h in _history(tmp_path / "run") if "kl" in h]
+    assert steps[0]["kl"] == 0.0  # the adapters start at zero: policy == reference
+    assert steps[1]["kl"] > 0.0
+
+
+def test_level_groups_teach_nothing(tmp_path: Path, tiny_model_dir: Path) -> None:
+    cfg = _config(tiny_model_dir, tmp_path, "grpo", "constant")
+    cfg["train"]["max_steps"] = 3
+    tunesmith.train(cfg)
+    steps = [h for h in _history(tmp_path / "run") if "reward" in h]
+    assert all(h["frac_zero_adv_groups"] == 1.0 and h["num_updates"] == 0.0 for h in steps)
+    from safetensors.torch import load_file
+
+    before = load_file(str(tiny_model_dir / "model.safetensors"))
+    after = final_weights(tmp_path / "run")
+    assert all(torch.equal(before[k], after[k]) for k in before if k in after)
+
+
+def test_row_fields_reach_the_reward_functions(tmp_path: Path, tiny_model_dir: Path) -> None:
+    cfg = _config(tiny_model_dir, tmp_path, "grpo", "sees_answers")
+    cfg["train"]["max_steps"] = 1
+    tunesmith.train(cfg)
+
+
+def test_faulty_reward_stops_the_run_and_keeps_the_checkpoint(tmp_path: Path, tiny_model_dir: Path) -> None:
+    CALLS["n"] = 0
+    cfg = _config(tiny_model_dir, tmp_path, "grpo", "fails_on_third_call")
+    cfg["train"].update(max_steps=6, save_every=2)
+    with pytest.raises(TunesmithError, match="fails_on_third_call' raised RuntimeError: reward server down"):
+        tunesmith.train(cfg)
+    found = ckpt.checkpoint_dirs(tmp_path / "run/checkpoints")
+    assert [d.name for d in found] == ["step-0000002"] and ckpt.is_complete(found[0])
+    assert not (tmp_path / "run/summary.json").exists()
+
+
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
+def test_resumes_exactly_from_a_checkpoint(method: str, tmp_path: Path, tiny_model_dir: Path) -> None:
+    cfg = _config(tiny_model_dir, tmp_path, method, "share_of_e", **({"minibatch_size": 8} if method == "ppo" else {}))
+    cfg["train"].update(max_steps=6, save_every=3)
+    if method == "ppo":
+        cfg["ppo"] = {"adaptive_kl": True, "kl_target": 0.01, "kl_horizon": 100}
+    tunesmith.train(cfg)
+    stopped = tmp_path / "stopped"
+    shutil.copytree(tmp_path / "run", stopped)
+    for name in ("summary.json", "model"):
+        target = stopped / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    result = tunesmith.train({**cfg, "output_dir": str(stopped)})
+    assert result.loop.resumed_from == 3
+    a, b = final_weights(tmp_path / "run"), final_weights(stopped)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    whole = [h for h in _history(tmp_path / "run") if "reward" in h]
+    resumed = [h for h in _history(stopped) if "reward" in h]
+    assert [h["reward"] for h in whole] == [h["reward"] for h in resumed]
+    if method == "ppo":
+        assert [h["kl_coef"] for h in whole] == [h["kl_coef"] for h in resumed]
+        assert len({h["kl_coef"] for h in whole}) > 1  # the adaptive coefficient moved and was restored
+    samples = [json.loads(x)["step"] for x in (stopped / "samples.jsonl").read_text().splitlines()]
+    assert samples == sorted(samples) and samples.count(5) == 16  # the redone steps' samples are not doubled

@@ -1,0 +1,268 @@
+"""One RL step, shared by GRPO and PPO: sample, score, measure, then update through the shared loop.
+
+`RLObjective.train_step` is what the loop calls instead of its plain update for these methods:
+  1. sample `rl.group_size` completions per prompt from the current policy (KV cache, seeded per
+     step so a resumed run samples the same completions);
+  2. score them with the reward functions and/or the reward model;
+  3. measure, without gradients, the policy's and the reference's log-probs of every completion
+     token (and the values, for PPO), and let the method turn rewards into advantages;
+  4. make `rl.update_epochs` passes over the completions in minibatches, one optimizer update each,
+     through the loop's `Updater` (the loss module's `forward` is the method's loss).
+The reference is the policy with its LoRA adapters disabled, or a frozen copy under full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tunesmith.config import Config
+from tunesmith.core.lm_loss import decoder_and_head, labelled_states, token_owner, unwrap
+from tunesmith.core.logs import truncate_metrics
+from tunesmith.eval.generate import Generation, GenerationSettings, generate
+from tunesmith.ops.losses import chunked_token_logps_entropy
+from tunesmith.rollout.rewards import RewardSet, Scored
+from tunesmith.rollout.sequences import PromptRow, Sequence, collate_sequences, pack_sequences
+
+SAMPLES = "samples.jsonl"
+
+
+class RLObjective(nn.Module):
+    """The loss module of an RL method: `train_step` runs a whole step; `forward` is the method's loss on a batch."""
+
+    reports_perplexity = False
+
+    def __init__(self, model: nn.Module, policy: nn.Module, cfg: Config, tokenizer) -> None:
+        super().__init__()
+        self.model = model  # what trains: the policy, or the policy plus a value head
+        self.policy = policy  # the causal LM that samples (with its LoRA adapters, if any)
+        self.cfg = cfg
+        self.rl = cfg.rl
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._decoder, self._head = decoder_and_head(policy)
+        self.rewards = RewardSet(cfg.rl.rewards, cfg.rl.reward_weights, cfg.rl.reward_model, cfg.rl.reward_model_weight)
+        self.needs_reference = self.uses_reference()
+        frozen = None
+        if self.needs_reference and not hasattr(policy, "disable_adapter"):
+            frozen = copy.deepcopy(unwrap(policy)).eval().requires_grad_(False)  # full fine-tuning: weights at step 0
+        self._frozen = [frozen] if frozen is not None else []  # out of the module tree: not trained or saved
+        self._samples_checked = False
+
+    # ---------------------------------------------------------------- what methods provide
+
+    def uses_reference(self) -> bool:
+        """Whether the method needs the reference log-probs."""
+        return self.rl.kl_coef > 0
+
+    def advantages(self, seqs: list[Sequence], scored: Scored, group_size: int) -> tuple[list[Sequence], dict[str, float]]:
+        """Fill each sequence's `advantages` (and whatever else the loss needs); return the ones to train on."""
+        raise NotImplementedError
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """What one update's loss is averaged over."""
+        raise NotImplementedError
+
+    def measures_old_logps(self) -> bool:
+        """Whether the rollout pass measures the policy's log-probs; without it the update uses its own, detached."""
+        return True
+
+    def measure_values(self, selected: torch.Tensor) -> torch.Tensor | None:
+        """Values of the states that predict each completion token (PPO); None when the method has no critic."""
+        return None
+
+    # ---------------------------------------------------------------- the step
+
+    def train_step(self, rows: list[PromptRow], *, step: int, update, run_dir: Path | None):
+        """Sample, score, measure and update for one step's prompts; returns the loop's StepOutcome."""
+        from tunesmith.core.loop import StepOutcome
+
+        rl = self.rl
+        group = rl.group_size
+        if run_dir is not None and not self._samples_checked:
+            truncate_metrics(run_dir / SAMPLES, step)  # a resumed run drops the samples of the steps it redoes
+            self._samples_checked = True
+        clock = [time.perf_counter()]
+        generations = self.sample(rows, group, seed=self.cfg.train.seed * 1_000_003 + step)
+        clock.append(time.perf_counter())
+        prompts = [r for r in rows for _ in range(group)]  # each prompt's completions side by side
+        scored = self.score(prompts, generations)
+        clock.append(time.perf_counter())
+        seqs = [Sequence(p.input_ids, g.token_ids, i) for i, (p, g) in enumerate(zip(prompts, generations))]
+        measured = self.measure(seqs)
+        train_seqs, method_stats = self.advantages(seqs, scored, group)
+        clock.append(time.perf_counter())
+
+        losses, grad_norms, update_stats = [], [], []
+        if train_seqs:
+            gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + step)
+            size = rl.minibatch_size or len(train_seqs)
+            for _ in range(rl.update_epochs):
+                order = torch.randperm(len(train_seqs), generator=gen).tolist()
+                for start in range(0, len(order), size):
+                    chosen = [train_seqs[i] for i in order[start : start + size]]
+                    micro = [collate_sequences(pack_sequences(chosen[k : k + rl.micro_batch_size], self.cfg.train.max_length),
+                                               self.pad_id)
+                             for k in range(0, len(chosen), rl.micro_batch_size)]
+                    outcome = update(micro)
+                    losses.append(outcome.loss)
+                    grad_norms.append(outcome.grad_norm)
+                    update_stats.append(outcome.stats)
+        self.after_step(measured, len(seqs))
+        clock.append(time.perf_counter())
+
+        rewards = scored.total
+        lengths = [len(g.token_ids) for g in generations]
+        stats = {
+            "reward": statistics.fmean(rewards),
+            "reward_std": statistics.pstdev(rewards),
+            **{f"reward/{name}": statistics.fmean(values) for name, values in scored.parts.items()},
+            "completion_length": statistics.fmean(lengths),
+            **{k: v for k, v in measured.items() if k in ("entropy", "kl")},
+            **method_stats,
+            "num_updates": float(len(losses)),
+            # where the step's time went: sampling, rewards, log-probs/values, and the optimizer updates
+            **{f"time/{name}_s": b - a for name, a, b in zip(("rollout", "reward", "measure", "update"), clock, clock[1:])},
+        }
+        for name in update_stats[0] if update_stats else []:
+            stats[name] = statistics.fmean(s[name] for s in update_stats)
+        if run_dir is not None and rl.samples_every and (step + 1) % rl.samples_every == 0:
+            self.write_samples(run_dir, step + 1, prompts, generations, scored)
+        tokens = sum(len(s.prompt_ids) + len(s.completion_ids) for s in seqs)
+        return StepOutcome(loss=statistics.fmean(losses) if losses else None,
+                           grad_norm=statistics.fmean(grad_norms) if grad_norms else 0.0, stats=stats, tokens=tokens)
+
+    def after_step(self, measured: dict[str, float], num_completions: int) -> None:
+        """Hook for state carried between steps (PPO's adaptive KL coefficient)."""
+
+    def sample(self, rows: list[PromptRow], group: int, seed: int, *, greedy: bool = False) -> list[Generation]:
+        """Completions of every prompt, `group` each, from the current policy."""
+        rl = self.rl
+        settings = GenerationSettings(
+            max_new_tokens=rl.max_new_tokens, temperature=0.0 if greedy else rl.temperature, top_p=rl.top_p,
+            top_k=rl.top_k, stop=list(rl.stop), batch_size=max(16, rl.micro_batch_size), seed=seed,
+        )
+        conversations = [r.messages for r in rows for _ in range(group)]
+        return generate(self.policy, self.tokenizer, conversations, settings, desc="rollout")
+
+    def score(self, prompts: list[PromptRow], generations: list[Generation]) -> Scored:
+        """Rewards of each completion (every reward function, weighted, plus the reward model)."""
+        names = sorted({k for p in prompts for k in p.fields})
+        fields = {k: [p.fields.get(k) for p in prompts] for k in names}
+        return self.rewards.score([p.prompt for p in prompts], [p.messages for p in prompts],
+                                  [g.text for g in generations], fields)
+
+    @torch.no_grad()
+    def measure(self, seqs: list[Sequence]) -> dict[str, float]:
+        """Old (rollout-time) and reference log-probs, values, and entropy of every completion token."""
+        if not self.measures_old_logps():
+            return self.measure_reference(seqs)
+        was_training = self.model.training
+        self.model.eval()  # the same network as the update's forward, without dropout noise
+        entropy_sum, kl_sum, num_tokens = 0.0, 0.0, 0
+        try:
+            for k in range(0, len(seqs), self.rl.micro_batch_size):
+                chunk = seqs[k : k + self.rl.micro_batch_size]
+                rows = pack_sequences(chunk, self.cfg.train.max_length)
+                batch = {n: v.to(_device(self.policy)) for n, v in collate_sequences(rows, self.pad_id).items()}
+                selected, targets, positions = labelled_states(self._decoder, batch["input_ids"], batch["labels"],
+                                                               batch["position_ids"])
+                logps, entropy = chunked_token_logps_entropy(selected, targets, self._head)
+                values = self.measure_values(selected)
+                ref = self.reference_logps(batch) if self.needs_reference else None
+                owner = token_owner(batch["seq_index"], positions)
+                index = batch["completion_index"][owner.cpu()]  # (tokens,) the batch index of each token's completion
+                for s in chunk:
+                    mine = (index == s.index).nonzero(as_tuple=True)[0].to(logps.device)
+                    s.token_fields["old_logps"] = logps[mine].tolist()
+                    if ref is not None:
+                        s.token_fields["ref_logps"] = ref[mine].tolist()
+                    if values is not None:
+                        s.token_fields["old_values"] = values[mine].tolist()
+                entropy_sum += float(entropy.sum())
+                num_tokens += int(logps.numel())
+                if ref is not None:
+                    kl_sum += float(self.kl_estimate(logps, ref).sum())
+        finally:
+            self.model.train(was_training)
+        out = {"entropy": entropy_sum / max(num_tokens, 1)}
+        if self.needs_reference:
+            out["kl"] = kl_sum / max(num_tokens, 1)
+            out["kl_per_completion"] = kl_sum / max(len(seqs), 1)
+        return out
+
+    @torch.no_grad()
+    def measure_reference(self, seqs: list[Sequence]) -> dict[str, float]:
+        """Only the reference log-probs (entropy and KL are then logged by the update)."""
+        if not self.needs_reference:
+            return {}
+        for k in range(0, len(seqs), self.rl.micro_batch_size):
+            chunk = seqs[k : k + self.rl.micro_batch_size]
+            batch = {n: v.to(_device(self.policy)) for n, v in
+                     collate_sequences(pack_sequences(chunk, self.cfg.train.max_length), self.pad_id).items()}
+            ref = self.reference_logps(batch)
+            _, _, positions = labelled_states_positions(batch)
+            index = batch["completion_index"][token_owner(batch["seq_index"], positions).cpu()]
+            for s in chunk:
+                s.token_fields["ref_logps"] = ref[(index == s.index).nonzero(as_tuple=True)[0].to(ref.device)].tolist()
+        return {}
+
+    def kl_estimate(self, logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+        """The per-token KL estimate logged (and used by the method's penalty)."""
+        from tunesmith.ops.rl import kl_k3
+
+        return kl_k3(logps, ref_logps)
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Log-probs of the labelled tokens under the reference: (tokens,)."""
+        if self._frozen:
+            decoder, head = decoder_and_head(self._frozen[0])
+            ctx = nullcontext()
+        else:
+            decoder, head = self._decoder, self._head
+            ctx = self.policy.disable_adapter()
+        with ctx:
+            selected, targets, _ = labelled_states(decoder, batch["input_ids"], batch["labels"], batch["position_ids"])
+            logps, _ = chunked_token_logps_entropy(selected, targets, head)
+        return logps
+
+    # ---------------------------------------------------------------- eval and samples
+
+    @torch.no_grad()
+    def evaluate_rows(self, rows: list[PromptRow], *, step: int) -> dict[str, float]:
+        """Mean reward of greedy completions of held-out prompts."""
+        generations = self.sample(rows, 1, seed=0, greedy=True)
+        scored = self.score(rows, generations)
+        out = {"eval_reward": statistics.fmean(scored.total)}
+        out.update({f"eval_reward/{k}": statistics.fmean(v) for k, v in scored.parts.items()})
+        return out
+
+    def write_samples(self, run_dir: Path, step: int, prompts: list[PromptRow], generations: list[Generation],
+                      scored: Scored) -> None:
+        """Append this step's completions, with their rewards, to run_dir/samples.jsonl."""
+        with (run_dir / SAMPLES).open("a", encoding="utf-8") as fh:
+            for i, (p, g) in enumerate(zip(prompts, generations)):
+                parts = {k: v[i] for k, v in scored.parts.items()}
+                fh.write(json.dumps({"step": step, "prompt": p.prompt, "completion": g.text, "reward": scored.total[i],
+                                     "rewards": parts, "finish_reason": g.finish_reason}, ensure_ascii=False) + "\n")
+
+
+def labelled_states_positions(batch: dict[str, torch.Tensor]) -> tuple[None, None, torch.Tensor]:
+    """The flat positions that predict a labelled token, without running the model."""
+    from tunesmith.ops.losses import shift_targets
+
+    positions, _ = shift_targets(batch["labels"])
+    return None, None, positions
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
