@@ -33,9 +33,9 @@ lr_scheduler_type constant (Trainer's default is linear decay), beta (default 0.
 num_generations (default 8), max_completion_length (default 512), loss_type and scale_rewards spelled out
 (their defaults), and logging every step with no saving, eval or reporting. No vLLM, no continuous batching.
 
-Work that differs by design, not by setting: tunesmith measures the rollout policy's log-probs in a
-separate no-grad pass before the update (with num_iterations=1 TRL uses the detached log-probs of the
-update's own forward instead), and tunesmith leaves groups whose rewards are all equal out of the update
+Work that differs by design, not by setting: with one update per step both sides take the rollout
+policy's log-probs from the update's own forward, detached (no separate pass; tunesmith then logs the
+entropy and KL from the update), and tunesmith leaves groups whose rewards are all equal out of the update
 (TRL trains on them; their advantage is 0, only the KL term acts). tunesmith generates with its own
 KV-cache sampler (finished rows leave the batch), TRL with `model.generate`. Completions differ between
 the sides (different samplers, different prompt order), so mean completion length is reported on both

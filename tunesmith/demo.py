@@ -9,8 +9,9 @@ Stage 2 is DPO + LoRA on the SFT model, with preference pairs made by code from 
 sentences: the correct JSON is chosen, and a near miss of the kind small models make (an age off by
 a little, city and job swapped, prose around the JSON, keys reordered, half the name, a city or
 name not copied letter for letter) is rejected.
-Stage 3 is GRPO + LoRA on the DPO model: sampled answers to training prompts, rewarded by exact
-match with the reference, so the policy learns from its own mistakes.
+Stage 3 is GRPO + LoRA on the DPO model: sampled answers to sentences whose names and cities are
+made-up words (the SFT model's remaining errors are unseen words not copied letter for letter),
+rewarded by exact match with the reference, so the policy learns from its own mistakes.
 The closing report puts every stage side by side on the same held-out rows.
 """
 
@@ -120,6 +121,28 @@ def make_pairs(train_rows: list[dict], num_pairs: int, seed: int = 1) -> list[di
     return pairs
 
 
+SYLLABLES = ["zor", "kel", "vra", "mi", "qua", "thes", "lun", "bry", "ox", "ga", "pel", "dru", "ix", "sen", "vo", "raz"]
+
+
+def make_rl_prompts(num: int, seed: int = 2) -> list[dict]:
+    """Task rows whose names and cities are made-up words: no model has seen them, so copying them letter for
+    letter is what has to be learned (the SFT model's remaining errors are misspelt unseen cities)."""
+    rng = random.Random(seed)
+
+    def word(parts: int) -> str:
+        return "".join(rng.choice(SYLLABLES) for _ in range(parts)).capitalize()
+
+    rows = []
+    for _ in range(num):
+        fields = {"name": f"{word(2)} {word(rng.randint(2, 3))}", "age": rng.randint(19, 78),
+                  "city": word(rng.randint(1, 3)), "job": rng.choice(JOBS)}
+        sentence = rng.choice(TEMPLATES).format(**fields)
+        rows.append({"messages": [{"role": "system", "content": SYSTEM},
+                                  {"role": "user", "content": INSTRUCTION + sentence},
+                                  {"role": "assistant", "content": json.dumps(fields)}]})
+    return rows
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
@@ -188,15 +211,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{out / 'data/pairs.jsonl'}", flush=True)
         previous = runs["dpo"] = _train_stage(out, "dpo", previous, {
             "data": {"train": str(out / "data/pairs.jsonl")},
-            "dpo": {"loss": "sigmoid", "beta": 0.1},
-            "train": {"max_steps": args.dpo_steps, "batch_size": 2, "lr": 2e-4, "max_length": 256,
+            # RPO's NLL term and a small step size: plain DPO at 2e-4 took exact match from 94% to 27% here,
+            # pushing the chosen answers down along with the rejected ones
+            "dpo": {"loss": "sigmoid", "beta": 0.1, "nll_weight": 1.0},
+            "train": {"max_steps": args.dpo_steps, "batch_size": 2, "lr": 5e-5, "max_length": 256,
                       "warmup_ratio": 0.1, "save_every": 8, "eval_every": 0, "seed": 0},
         })
         stages["dpo"] = _evaluate_stage(out, "dpo", previous)
     if args.grpo_steps > 0:
-        print(f"\ngrpo stage: exact-match reward on {args.grpo_prompts} training prompts, "
+        print(f"\ngrpo stage: exact-match reward on {args.grpo_prompts} prompts with made-up names and cities, "
               f"{GRPO_GROUP} samples each", flush=True)
-        _write_jsonl(out / "data/prompts.jsonl", train_rows[: args.grpo_prompts])
+        _write_jsonl(out / "data/prompts.jsonl", make_rl_prompts(args.grpo_prompts))
         previous = runs["grpo"] = _train_stage(out, "grpo", previous, {
             "data": {"train": str(out / "data/prompts.jsonl")},
             "rl": {"rewards": ["exact_match"], "group_size": GRPO_GROUP, "max_new_tokens": 48, "temperature": 1.0,

@@ -152,3 +152,37 @@ def test_resumes_exactly_from_a_checkpoint(method: str, tmp_path: Path, tiny_mod
         assert len({h["kl_coef"] for h in whole}) > 1  # the adaptive coefficient moved and was restored
     samples = [json.loads(x)["step"] for x in (stopped / "samples.jsonl").read_text().splitlines()]
     assert samples == sorted(samples) and samples.count(5) == 16  # the redone steps' samples are not doubled
+
+
+def test_ppo_with_a_reward_model(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from tests.helpers import run_config
+    from tests.methods.test_preference_methods import TRAIN_WORDS, pair_rows
+
+    rm_cfg = run_config(tiny_model_dir, write_jsonl(tmp_path / "pairs.jsonl", pair_rows(TRAIN_WORDS)), tmp_path / "rm",
+                        max_steps=5, batch_size=8, lr=1e-2, max_length=64)
+    rm_cfg["method"] = "reward"
+    tunesmith.train(rm_cfg)
+    cfg = _config(tiny_model_dir, tmp_path, "ppo", "share_of_e", reward_model=str(tmp_path / "rm"),
+                  reward_model_weight=0.5)
+    cfg["rl"]["rewards"] = []
+    cfg["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0}
+    cfg["train"]["max_steps"] = 2
+    tunesmith.train(cfg)
+    steps = [h for h in _history(tmp_path / "run") if "reward" in h]
+    assert all(h["reward"] == pytest.approx(0.5 * h["reward/reward_model"]) for h in steps)
+    assert steps[0]["kl"] == 0.0  # k1 under LoRA at the first step
+
+
+def test_rl_config_is_checked_before_anything_runs(tmp_path: Path, tiny_model_dir: Path) -> None:
+    cfg = _config(tiny_model_dir, tmp_path, "grpo", "share_of_e", group_size=1, temperature=0.0)
+    cfg["rl"]["rewards"] = []
+    with pytest.raises(TunesmithError) as info:
+        tunesmith.train(cfg)
+    text = str(info.value)
+    assert "needs a reward" in text and "rl.group_size" in text and "rl.temperature" in text
+    assert not (tmp_path / "run").exists()
+    cfg = _config(tiny_model_dir, tmp_path, "grpo", "share_of_e")
+    cfg["rl"]["rewards"] = ["exact_match"]
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "no answer here"}])
+    with pytest.raises(TunesmithError, match="compare completions with a reference answer"):
+        tunesmith.train(cfg)

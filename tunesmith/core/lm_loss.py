@@ -3,6 +3,10 @@ per-sequence answer log-probabilities the preference methods compare."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
 import torch
 from torch import nn
 
@@ -130,3 +134,23 @@ def last_positions(seq_index: torch.Tensor) -> torch.Tensor:
     where = (flat >= 0).nonzero(as_tuple=True)[0]
     last = torch.full((num_sequences(seq_index),), -1, dtype=torch.long, device=seq_index.device)
     return last.scatter_reduce(0, flat[where], where, reduce="amax")
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen copy of the model's current weights: the reference of full fine-tuning (LoRA needs none)."""
+    return copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+
+
+@contextmanager
+def reference_model(policy: nn.Module, frozen: nn.Module | None) -> Iterator[tuple[nn.Module, nn.Module]]:
+    """(decoder, head) of the reference model of DPO, PPO and GRPO, for the duration of the block.
+
+    A frozen copy when one was made (full fine-tuning); else the policy itself with its LoRA adapters
+    disabled, so the reference costs no second copy in memory (or the policy as it is, when it has no
+    adapters: full fine-tuning whose reference log-probs are measured before its first step).
+    """
+    if frozen is not None:
+        yield decoder_and_head(frozen)
+        return
+    with policy.disable_adapter() if hasattr(policy, "disable_adapter") else nullcontext():
+        yield decoder_and_head(policy)

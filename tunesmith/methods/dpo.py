@@ -8,14 +8,11 @@ which scores every pair with the reference once before the first step.
 
 from __future__ import annotations
 
-import copy
-from contextlib import nullcontext
-
 import torch
 from torch import nn
 
 from tunesmith.config import Config, DpoConfig
-from tunesmith.core.lm_loss import answer_logps, decoder_and_head, unwrap
+from tunesmith.core.lm_loss import answer_logps, decoder_and_head, frozen_copy, reference_model, unwrap
 from tunesmith.data import TokenizedData
 from tunesmith.data.preference import collate_pairs, count_pairs
 from tunesmith.methods import build_pair_data, save_lm_outputs
@@ -42,7 +39,7 @@ def loss_module(model: nn.Module, cfg: Config, tokenizer=None) -> nn.Module:
     needs_ref = cfg.dpo.loss not in REFERENCE_FREE
     frozen = None
     if needs_ref and not cfg.dpo.precompute_ref and not hasattr(model, "disable_adapter"):
-        frozen = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)  # full fine-tuning: weights at step 0
+        frozen = frozen_copy(model)  # full fine-tuning: the weights at step 0
     return DpoLoss(model, cfg.dpo, frozen_reference=frozen)
 
 
@@ -87,14 +84,7 @@ class DpoLoss(nn.Module):
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Answer log-probs of every sequence under the reference model: (seqs,)."""
-        if self._frozen:
-            decoder, head = decoder_and_head(self._frozen[0])
-            ctx = nullcontext()
-        else:
-            decoder, head = self._decoder, self._head
-            # LoRA: the adapter-disabled policy; full fine-tuning with precompute_ref: the weights before step 1
-            ctx = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()
-        with ctx:
+        with reference_model(self.model, self._frozen[0] if self._frozen else None) as (decoder, head):
             sums, _ = answer_logps(decoder, head, batch["input_ids"], batch["labels"], batch["position_ids"],
                                    batch["seq_index"], self.chunk_size)
         return sums.float()

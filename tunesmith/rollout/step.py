@@ -13,18 +13,22 @@ The reference is the policy with its LoRA adapters disabled, or a frozen copy un
 
 from __future__ import annotations
 
-import copy
 import json
 import statistics
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from tunesmith.config import Config
-from tunesmith.core.lm_loss import decoder_and_head, labelled_states, token_owner, unwrap
+from tunesmith.core.lm_loss import (
+    decoder_and_head,
+    frozen_copy,
+    labelled_states,
+    reference_model,
+    token_owner,
+)
 from tunesmith.core.logs import truncate_metrics
 from tunesmith.eval.generate import Generation, GenerationSettings, generate
 from tunesmith.ops.losses import chunked_token_logps_entropy
@@ -52,7 +56,7 @@ class RLObjective(nn.Module):
         self.needs_reference = self.uses_reference()
         frozen = None
         if self.needs_reference and not hasattr(policy, "disable_adapter"):
-            frozen = copy.deepcopy(unwrap(policy)).eval().requires_grad_(False)  # full fine-tuning: weights at step 0
+            frozen = frozen_copy(policy)  # full fine-tuning: the weights at step 0
         self._frozen = [frozen] if frozen is not None else []  # out of the module tree: not trained or saved
         self._samples_checked = False
 
@@ -223,13 +227,7 @@ class RLObjective(nn.Module):
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Log-probs of the labelled tokens under the reference: (tokens,)."""
-        if self._frozen:
-            decoder, head = decoder_and_head(self._frozen[0])
-            ctx = nullcontext()
-        else:
-            decoder, head = self._decoder, self._head
-            ctx = self.policy.disable_adapter()
-        with ctx:
+        with reference_model(self.policy, self._frozen[0] if self._frozen else None) as (decoder, head):
             selected, targets, _ = labelled_states(decoder, batch["input_ids"], batch["labels"], batch["position_ids"])
             logps, _ = chunked_token_logps_entropy(selected, targets, head)
         return logps
