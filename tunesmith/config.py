@@ -357,6 +357,23 @@ def _check_rl(cfg: Config, problems: list[str]) -> None:
         problems.append(f"rl.clip_eps: must be in (0, 1), got {r.clip_eps}")
     if isinstance(r.kl_coef, float) and r.kl_coef < 0:
         problems.append(f"rl.kl_coef: must be 0 or more, got {r.kl_coef}")
+    if cfg.method == "ppo":
+        p = cfg.ppo
+        for where, value in (("ppo.gamma", p.gamma), ("ppo.lam", p.lam)):
+            if isinstance(value, float) and not 0 <= value <= 1:
+                problems.append(f"{where}: must be in [0, 1], got {value}")
+        if isinstance(p.value_clip, float) and p.value_clip <= 0:
+            problems.append(f"ppo.value_clip: must be positive, got {p.value_clip}")
+        if isinstance(p.vf_coef, float) and p.vf_coef < 0:
+            problems.append(f"ppo.vf_coef: must be 0 or more, got {p.vf_coef}")
+        if p.adaptive_kl:
+            if isinstance(p.kl_target, float) and p.kl_target <= 0:
+                problems.append(f"ppo.kl_target: must be positive, got {p.kl_target}")
+            if isinstance(p.kl_horizon, int) and p.kl_horizon < 1:
+                problems.append(f"ppo.kl_horizon: must be at least 1, got {p.kl_horizon}")
+            if isinstance(r.kl_coef, float) and r.kl_coef == 0:
+                problems.append("rl.kl_coef: the adaptive KL controller scales it, so it cannot start at 0; give a "
+                                "starting coefficient (e.g. 0.05) or set ppo.adaptive_kl=false")
     if isinstance(r.max_new_tokens, int) and r.max_new_tokens >= cfg.train.max_length:
         problems.append(f"rl.max_new_tokens: {r.max_new_tokens} leaves no room for the prompt in "
                         f"train.max_length={cfg.train.max_length}; raise train.max_length")

@@ -3,6 +3,7 @@ run alone, and the LoRA reference is exactly the base model."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -77,3 +78,37 @@ def test_lora_reference_is_the_base_model_and_dpo_starts_at_ln2(tmp_path: Path, 
         own, _ = answer_logps(*decoder_and_head(policy), b["input_ids"], b["labels"], b["position_ids"], b["seq_index"])
         total, n, _ = loss(**b, ref_logps=own)
     assert total.item() / n.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_dpo_two_ranks_equal_one_rank_with_an_eval_shard_left_empty(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """2 ranks x 4 pairs equal 1 rank x 8 pairs; eval has one pair, so rank 1's eval shard is empty and must not hang."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    import tunesmith
+    from tests.helpers import WORDS, final_weights, run_config
+    from tests.invariants.test_training_invariants import _env
+
+    rows = [{"prompt": f"Tell me about {w}", "chosen": f"{w} is good", "rejected": f"{w} is bad"} for w in WORDS[:16]]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    held = write_jsonl(tmp_path / "eval.jsonl", rows[:1])
+    configs = {}
+    for name, batch in (("one", 8), ("two", 4)):
+        cfg = run_config(tiny_model_dir, data, tmp_path / name, max_steps=3, batch_size=batch, lr=1e-3, max_length=64,
+                         eval_every=1)
+        cfg.update(method="dpo")
+        cfg["data"]["eval"] = str(held)
+        cfg["train"]["packing"] = False  # a row per pair, so both layouts see the same pairs per step
+        configs[name] = cfg
+    tunesmith.train(configs["one"])
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(configs["two"]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "tunesmith.cli", "train", str(tmp_path / "two.yaml")]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    evals = [json.loads(x) for x in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
+    assert [e["eval_rewards/accuracy"] for e in evals if "eval_loss" in e] != []

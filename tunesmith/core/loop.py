@@ -129,12 +129,24 @@ def _sum_stats(total: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], d
 
 
 def _reduce_stats(total: dict[str, torch.Tensor], count: float, info: DistInfo) -> dict[str, float]:
-    """Means over the global batch of summed statistics (every rank has the same names in the same order)."""
-    if not total:
+    """Means over the global batch of summed statistics.
+
+    Every rank takes part in the same collectives even when its share was empty (an eval shard smaller
+    than the number of ranks): the names are agreed first, and a rank without a statistic adds zero.
+    """
+    names = sorted(total)
+    if info.enabled:
+        import torch.distributed as dist
+
+        gathered: list[list[str] | None] = [None] * info.world_size
+        dist.all_gather_object(gathered, names)
+        names = sorted({n for part in gathered for n in (part or [])})
+    if not names:
         return {}
-    stacked = torch.stack([total[k] for k in total])
+    zero = torch.zeros((), dtype=torch.float64, device=info.device)
+    stacked = torch.stack([total.get(k, zero) for k in names])
     all_reduce_sum(stacked, info)
-    return {k: v / count for k, v in zip(total, stacked.tolist())}
+    return {k: v / count for k, v in zip(names, stacked.tolist())}
 
 
 @torch.no_grad()
@@ -160,14 +172,11 @@ def evaluate(
     total = max(count.item(), 1.0)
     mean = loss_sum.item() / total
     result = {"eval_loss": mean}
-    if getattr(_inner(loss_module), "reports_perplexity", False):
+    if getattr(loss_module, "reports_perplexity", False):
         result["eval_ppl"] = math.exp(min(mean, 50.0))
     result.update({f"eval_{k}": v for k, v in _reduce_stats(totals, total, info).items()})
     return result
 
-
-def _inner(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, DistributedDataParallel) else module
 
 
 @dataclass
@@ -317,7 +326,9 @@ def train_loop(
                 if hasattr(loss_module, "evaluate_rows"):  # e.g. RL: the mean reward on held-out prompts
                     ev = loss_module.evaluate_rows(eval_rows, step=state.step)
                 else:
-                    ev = evaluate(ddp_module, eval_rows, cfg.batch_size, pad_id, info, collate_fn)
+                    # the module itself, not its DDP wrapper: DDP's forward syncs buffers with the other ranks,
+                    # and ranks whose eval shards hold different numbers of batches would wait on each other
+                    ev = evaluate(loss_module, eval_rows, cfg.batch_size, pad_id, info, collate_fn)
                 eval_loss = ev.get("eval_loss", eval_loss)
                 history.append({"step": state.step, **ev})
                 logger.log(state.step, ev)

@@ -122,7 +122,9 @@ def _row_scores(result: EvalResult, name: str) -> dict[int, float]:
 def _metric_measure(name: str, results: list[EvalResult], base: EvalResult) -> Measure:
     per_model = {r.label: _row_scores(r, name) for r in results}
     all_scores = [v for scores in per_model.values() for v in scores.values()]
-    measure = Measure(name=name, higher_is_better=True, percent=all(0.0 <= v <= 1.0 for v in all_scores))
+    # a reward model's raw scores are not shares of rows, even when they happen to fall in [0, 1]
+    percent = name != REWARD and all(0.0 <= v <= 1.0 for v in all_scores)
+    measure = Measure(name=name, higher_is_better=True, percent=percent)
     base_scores = per_model[base.label]
     for r in results:
         scores = per_model[r.label]

@@ -27,6 +27,8 @@ def score_file(reward_model: str, data: str, out: str | Path | None = None, *, b
 
     if batch_size < 1:
         raise TunesmithError(f"--batch-size: must be at least 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise TunesmithError(f"--limit: must be at least 1, got {limit}")
     records = load_records(data, split)
     if limit is not None:
         records = records[:limit]

@@ -73,6 +73,13 @@ def build_rl_data(cfg: Config, tokenizer, source: str) -> TokenizedData:
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         raise TunesmithError(f"method {cfg.method} runs on one process for now; start it without torchrun")
+    if cfg.lora is not None and cfg.lora.dropout > 0:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "lora.dropout=%s: the rollout's log-probs are measured without dropout and the updates run with it, so "
+            "the PPO ratio starts away from 1 by noise alone; lora.dropout=0 is usual for %s", cfg.lora.dropout,
+            cfg.method)
     data = build_prompts(source, tokenizer, max_length=cfg.train.max_length, max_new_tokens=cfg.rl.max_new_tokens,
                          split=cfg.data.split)
     rewards = RewardSet(cfg.rl.rewards, cfg.rl.reward_weights, cfg.rl.reward_model, cfg.rl.reward_model_weight)

@@ -43,7 +43,7 @@ class PolicyWithValue(nn.Module):
         self.lm = lm
         config = unwrap(lm).config.get_text_config()
         ref = unwrap(lm).get_output_embeddings().weight
-        self.value_head = nn.Linear(config.hidden_size, 1, bias=True, device=ref.device, dtype=ref.dtype)
+        self.value_head = nn.Linear(config.hidden_size, 1, bias=True, device=ref.device, dtype=torch.float32)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
@@ -85,7 +85,7 @@ class PpoObjective(RLObjective):
 
     def measure_values(self, selected: torch.Tensor) -> torch.Tensor:
         """The value head on the states that predict each completion token: (tokens,)."""
-        return self.model.value_head(selected).squeeze(-1).float()
+        return self.model.value_head(selected.float()).squeeze(-1)
 
     def method_state(self) -> dict[str, float]:
         """The adaptive KL coefficient, for the checkpoint."""
@@ -154,7 +154,7 @@ class PpoObjective(RLObjective):
         """Sum over completion tokens of policy loss + vf_coef · value loss, the token count, and statistic sums."""
         selected, targets, _ = labelled_states(self._decoder, input_ids, labels, position_ids)
         logps = chunked_token_logps(selected, targets, self._head)  # (tokens,)
-        values = self.model.value_head(selected).squeeze(-1).float()  # (tokens,)
+        values = self.model.value_head(selected.float()).squeeze(-1)  # (tokens,)
         policy_loss, clipped = clipped_policy_loss(logps, old_logps, advantages, self.rl.clip_eps)
         value_loss = clipped_value_loss(values, old_values, returns, self.cfg.ppo.value_clip)
         loss_sum = (policy_loss + self.cfg.ppo.vf_coef * value_loss).sum()

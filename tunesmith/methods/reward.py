@@ -44,13 +44,19 @@ class RewardModel(nn.Module):
         self.lm = lm
         config = unwrap(lm).config.get_text_config()
         ref = unwrap(lm).get_output_embeddings().weight
-        self.score = nn.Linear(config.hidden_size, 1, bias=False, device=ref.device, dtype=ref.dtype)
+        # float32 even when the LM is bf16: AdamW steps on a bf16 head would round small updates away
+        self.score = nn.Linear(config.hidden_size, 1, bias=False, device=ref.device, dtype=torch.float32)
         std = getattr(config, "initializer_range", None) or 1 / math.sqrt(config.hidden_size + 1)
         nn.init.normal_(self.score.weight, std=std)
 
 
 def wrap_model(model: nn.Module, cfg: Config) -> RewardModel:
     """The LM plus a fresh reward head (always trained, under LoRA too)."""
+    lm = unwrap(model)
+    head, embeddings = lm.get_output_embeddings(), lm.get_input_embeddings()
+    if head is not None and head.weight is not embeddings.weight:
+        # a reward model never uses the LM head; left trainable, DDP would wait for its gradient forever
+        head.weight.requires_grad_(False)
     return RewardModel(model)
 
 
@@ -81,7 +87,7 @@ class RewardLoss(nn.Module):
         out = self._decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False)
         hidden = out.last_hidden_state  # (batch, seq, hidden)
         last = hidden.reshape(-1, hidden.shape[-1]).index_select(0, last_positions(seq_index))  # (seqs, hidden)
-        return self.model.score(last).squeeze(-1).float()  # (seqs,)
+        return self.model.score(last.float()).squeeze(-1)  # (seqs,)
 
     def forward(
         self,
@@ -155,7 +161,12 @@ def save_reward_model(model: RewardModel, tokenizer, out_dir: Path) -> Path:
     prefix = base.base_model_prefix + "."
     body = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     missing, unexpected = getattr(seq, seq.base_model_prefix).load_state_dict(body, strict=False)
-    assert not missing and not unexpected, f"reward model body mismatch: {missing[:3]} {unexpected[:3]}"
+    if missing or unexpected:
+        raise TunesmithError(
+            f"cannot save the reward model of {type(base).__name__} as {type(seq).__name__}: its weights do not "
+            f"match (missing {missing[:3]}, unexpected {unexpected[:3]}); the adapter and head are still saved "
+            "with output.save_adapter"
+        )
     seq.score.weight.copy_(model.score.weight.detach().to(seq.score.weight.dtype).cpu())
     with atomic_dir(out_dir) as tmp:
         seq.save_pretrained(tmp)
@@ -182,9 +193,10 @@ def load_reward_model(path: str | Path, device: torch.device | str | None = None
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     folder = find_reward_model(path)
+    from tunesmith.model import default_device
+
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1)
-    if device is not None:
-        model = model.to(device)
+    model = model.to(device if device is not None else default_device())
     model.eval()
     return model, AutoTokenizer.from_pretrained(folder)
 
@@ -199,7 +211,13 @@ def score_conversations(model, tokenizer, conversations: list[list[dict]], batch
     sequences = []
     for messages in conversations:
         if has_chat_template(tokenizer):
-            text = tokenizer.apply_chat_template(messages, tokenize=False)
+            try:
+                text = tokenizer.apply_chat_template(messages, tokenize=False)
+            except Exception as exc:  # the template's own raise_exception() or a Jinja error
+                raise TunesmithError(
+                    f"conversation {len(sequences)}: the reward model's chat template cannot render it "
+                    f"({type(exc).__name__}: {exc}); give conversations the template accepts"
+                ) from None
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             from tunesmith.data.chat import render_raw

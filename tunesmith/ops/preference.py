@@ -65,7 +65,11 @@ def ipo_loss(
     ref_rejected_logps: torch.Tensor,
     beta: float,
 ) -> torch.Tensor:
-    """IPO (Azar et al. 2023, eq. 17, with τ = β): loss = (h − 1 / (2β))², h on summed log-probs."""
+    """IPO (Azar et al. 2023, eq. 17, with τ = β): loss = (h − 1 / (2β))², h on summed log-probs.
+
+    Summed, as in the paper; TRL's `ipo` averages the log-probs per token instead, which changes the
+    scale of h and so the β that works.
+    """
     h = dpo_logits(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return (h - 1 / (2 * beta)) ** 2
 
