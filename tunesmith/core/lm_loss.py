@@ -53,20 +53,15 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
-        lm = unwrap(model)
-        self._decoder = lm.get_decoder()
-        self._head = _Head(lm)
+        self._decoder, self._head = decoder_and_head(model)
 
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Sum of next-token cross-entropies over counted tokens, and their number."""
-        out = self._decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False)
-        hidden = out.last_hidden_state  # (batch, seq, hidden)
-        positions, targets = shift_targets(labels)
-        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (counted, hidden)
+        selected, targets, _ = labelled_states(self._decoder, input_ids, labels, position_ids)  # (counted, hidden)
         loss_sum = chunked_cross_entropy_sum(selected, targets, self._head, self.chunk_size)
-        return loss_sum, torch.tensor(targets.numel(), device=hidden.device), {}
+        return loss_sum, torch.tensor(targets.numel(), device=selected.device), {}
 
     @staticmethod
     def count(batch: dict[str, torch.Tensor]) -> int:

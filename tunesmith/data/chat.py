@@ -37,13 +37,13 @@ def render_with_spans(messages: list[dict], tokenizer, where: str) -> tuple[str,
             f"{where}: the tokenizer has no chat template, so this conversation cannot be rendered; use a "
             "model whose tokenizer ships one (an -Instruct/-Chat model) or set tokenizer.chat_template"
         )
-    full = _render(messages, tokenizer, False, where)
+    full = render_chat(messages, tokenizer, False, where)
     spans: list[Span] = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix = _render(messages[:i], tokenizer, True, where)
-        upto = full if i == len(messages) - 1 else _render(messages[: i + 1], tokenizer, False, where)
+        prefix = render_chat(messages[:i], tokenizer, True, where)
+        upto = full if i == len(messages) - 1 else render_chat(messages[: i + 1], tokenizer, False, where)
         turn = f"assistant turn {len(spans) + 1} (message {i})"
         if not upto.startswith(prefix):
             raise _not_prefix_stable(
@@ -104,7 +104,8 @@ def render_raw(prompt: str, completion: str, tokenizer) -> tuple[list[int], list
 # ---------------------------------------------------------------- helpers
 
 
-def _render(messages: list[dict], tokenizer, add_generation_prompt: bool, where: str) -> str:
+def render_chat(messages: list[dict], tokenizer, add_generation_prompt: bool, where: str) -> str:
+    """The conversation rendered with the chat template; a template that refuses it is a TunesmithError naming `where`."""
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # the template's own raise_exception(), Jinja errors: the data or template is at fault

@@ -116,3 +116,16 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
         "labels": torch.tensor(labels, dtype=torch.long),  # (batch, T)
         "position_ids": torch.tensor(position_ids, dtype=torch.long),  # (batch, T)
     }
+
+
+def document_index(rows: list[Row], width: int) -> torch.Tensor:
+    """(batch, width): the batch-wide number of the document each token belongs to, counted row by row from
+    the position restarts; -1 on padding. Preference and RL losses sum per document with it."""
+    index = torch.full((len(rows), width), -1, dtype=torch.long)
+    num = 0
+    for b, row in enumerate(rows):
+        starts = [i for i, p in enumerate(row.position_ids) if p == 0] + [len(row.position_ids)]
+        for start, end in zip(starts, starts[1:]):
+            index[b, start:end] = num
+            num += 1
+    return index

@@ -23,7 +23,7 @@ import torch
 from tunesmith.data.chat import has_chat_template, render_raw, render_with_spans, tokenize_with_spans
 from tunesmith.data.dataset import DataStats, TokenizedData
 from tunesmith.data.formats import ROLES
-from tunesmith.data.packing import Row, _positions, collate, pack_bins
+from tunesmith.data.packing import Row, _positions, collate, document_index, pack_bins
 from tunesmith.data.readers import load_records
 from tunesmith.errors import TunesmithError
 from tunesmith.ops.losses import IGNORE_INDEX
@@ -298,16 +298,7 @@ def collate_pairs(rows: list[PairRow], pad_id: int) -> dict[str, torch.Tensor]:
     """`collate` plus, per token, the batch-wide index of its sequence (chosen 2k, rejected 2k+1; -1 on padding),
     the pair margins, and the precomputed reference log-probs when every row has them."""
     batch = collate(rows, pad_id)
-    width = batch["input_ids"].shape[1]
-    seq_index = torch.full((len(rows), width), -1, dtype=torch.long)  # (batch, T)
-    num_seqs = 0
-    for b, row in enumerate(rows):
-        start = 0
-        for n in row.seq_lens:
-            seq_index[b, start : start + n] = num_seqs
-            start += n
-            num_seqs += 1
-    batch["seq_index"] = seq_index
+    batch["seq_index"] = document_index(rows, batch["input_ids"].shape[1])  # (batch, T)
     batch["margins"] = torch.tensor([m for r in rows for m in r.margins], dtype=torch.float32)  # (pairs,)
     if all(r.ref_logps is not None for r in rows):
         batch["ref_logps"] = torch.tensor([v for r in rows for v in r.ref_logps], dtype=torch.float32)  # (seqs,)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tunesmith.core.lm_loss import unwrap
-from tunesmith.data.chat import has_chat_template
+from tunesmith.data.chat import has_chat_template, render_chat
 from tunesmith.errors import TunesmithError
 
 
@@ -78,16 +78,7 @@ def prompt_ids(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
     """Token ids of each conversation (ending in a user turn) rendered as training renders it, ready for the answer."""
     if not has_chat_template(tokenizer):
         return [_raw_prompt_ids(tokenizer, c, i) for i, c in enumerate(conversations)]
-    texts = []
-    for i, conversation in enumerate(conversations):
-        try:
-            texts.append(tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))
-        except Exception as exc:  # the template's raise_exception() or a Jinja error: the prompt is at fault
-            raise TunesmithError(
-                f"prompt {i}: the tokenizer's chat template cannot render this conversation "
-                f"({type(exc).__name__}: {exc}); change it to what the template accepts (e.g. roles alternating "
-                "user/assistant, no system message)"
-            ) from None
+    texts = [render_chat(conversation, tokenizer, True, f"prompt {i}") for i, conversation in enumerate(conversations)]
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 

@@ -204,20 +204,14 @@ def load_reward_model(path: str | Path, device: torch.device | str | None = None
 @torch.no_grad()
 def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8) -> list[float]:
     """The reward of each conversation (messages ending with the assistant's answer)."""
-    from tunesmith.data.chat import has_chat_template
+    from tunesmith.data.chat import has_chat_template, render_chat
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sequences = []
     for messages in conversations:
         if has_chat_template(tokenizer):
-            try:
-                text = tokenizer.apply_chat_template(messages, tokenize=False)
-            except Exception as exc:  # the template's own raise_exception() or a Jinja error
-                raise TunesmithError(
-                    f"conversation {len(sequences)}: the reward model's chat template cannot render it "
-                    f"({type(exc).__name__}: {exc}); give conversations the template accepts"
-                ) from None
+            text = render_chat(messages, tokenizer, False, f"conversation {len(sequences)}")
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             from tunesmith.data.chat import render_raw

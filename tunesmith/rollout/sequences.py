@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tunesmith.data.dataset import DataStats, TokenizedData
-from tunesmith.data.packing import Row, _positions, collate, pack_bins
+from tunesmith.data.packing import Row, _positions, collate, document_index, pack_bins
 from tunesmith.errors import TunesmithError
 from tunesmith.ops.losses import IGNORE_INDEX
 
@@ -104,22 +104,10 @@ def collate_sequences(rows: list[SeqRow], pad_id: int) -> dict[str, torch.Tensor
     """`collate` plus seq_index (batch, T) numbering the documents of the batch, their batch indices (seqs,),
     and every per-token field flattened in the order of the labelled tokens (tokens,)."""
     batch = collate(rows, pad_id)
-    seq_index = torch.full_like(batch["input_ids"], -1)  # (batch, T)
-    num = 0
-    for b, row in enumerate(rows):
-        start = 0
-        for length in _doc_lengths(row.position_ids):
-            seq_index[b, start : start + length] = num
-            start += length
-            num += 1
-    batch["seq_index"] = seq_index
+    batch["seq_index"] = document_index(rows, batch["input_ids"].shape[1])  # (batch, T)
     batch["completion_index"] = torch.tensor([i for r in rows for i in r.indices], dtype=torch.long)  # (seqs,)
     for name in TOKEN_FIELDS:
         if all(name in r.token_fields for r in rows):
             batch[name] = torch.tensor([v for r in rows for v in r.token_fields[name]], dtype=torch.float32)
     return batch
 
-
-def _doc_lengths(position_ids: list[int]) -> list[int]:
-    starts = [i for i, p in enumerate(position_ids) if p == 0]
-    return [b - a for a, b in zip(starts, starts[1:] + [len(position_ids)])]

@@ -31,7 +31,7 @@ from tunesmith.core.lm_loss import (
 )
 from tunesmith.core.logs import truncate_metrics
 from tunesmith.eval.generate import Generation, GenerationSettings, generate
-from tunesmith.ops.losses import chunked_token_logps_entropy
+from tunesmith.ops.losses import chunked_token_logps_entropy, shift_targets
 from tunesmith.rollout.rewards import RewardSet, Scored
 from tunesmith.rollout.sequences import PromptRow, Sequence, collate_sequences, pack_sequences
 
@@ -112,10 +112,7 @@ class RLObjective(nn.Module):
                 order = torch.randperm(len(train_seqs), generator=gen).tolist()
                 for start in range(0, len(order), size):
                     chosen = [train_seqs[i] for i in order[start : start + size]]
-                    micro = [collate_sequences(pack_sequences(chosen[k : k + rl.micro_batch_size], self.cfg.train.max_length),
-                                               self.pad_id)
-                             for k in range(0, len(chosen), rl.micro_batch_size)]
-                    outcome = update(micro)
+                    outcome = update([batch for _, batch in self.collated(chosen)])
                     losses.append(outcome.loss)
                     grad_norms.append(outcome.grad_norm)
                     update_stats.append(outcome.stats)
@@ -163,60 +160,50 @@ class RLObjective(nn.Module):
         return self.rewards.score([p.prompt for p in prompts], [p.messages for p in prompts],
                                   [g.text for g in generations], fields)
 
+    def collated(self, seqs: list[Sequence]) -> list[tuple[list[Sequence], dict[str, torch.Tensor]]]:
+        """Completions in groups of rl.micro_batch_size, each packed into rows and collated (on the CPU)."""
+        out = []
+        for k in range(0, len(seqs), self.rl.micro_batch_size):
+            chunk = seqs[k : k + self.rl.micro_batch_size]
+            out.append((chunk, collate_sequences(pack_sequences(chunk, self.cfg.train.max_length), self.pad_id)))
+        return out
+
     @torch.no_grad()
     def measure(self, seqs: list[Sequence]) -> dict[str, float]:
-        """Old (rollout-time) and reference log-probs, values, and entropy of every completion token."""
-        if not self.measures_old_logps():
-            return self.measure_reference(seqs)
+        """Old (rollout-time) and reference log-probs, values, and entropy of every completion token.
+
+        With `measures_old_logps()` false only the reference is measured; entropy and KL then come from the update.
+        """
+        old_pass = self.measures_old_logps()
+        if not old_pass and not self.needs_reference:
+            return {}
         was_training = self.model.training
         self.model.eval()  # the same network as the update's forward, without dropout noise
         entropy_sum, kl_sum, num_tokens = 0.0, 0.0, 0
         try:
-            for k in range(0, len(seqs), self.rl.micro_batch_size):
-                chunk = seqs[k : k + self.rl.micro_batch_size]
-                rows = pack_sequences(chunk, self.cfg.train.max_length)
-                batch = {n: v.to(_device(self.policy)) for n, v in collate_sequences(rows, self.pad_id).items()}
-                selected, targets, positions = labelled_states(self._decoder, batch["input_ids"], batch["labels"],
-                                                               batch["position_ids"])
-                logps, entropy = chunked_token_logps_entropy(selected, targets, self._head)
-                values = self.measure_values(selected)
+            for chunk, cpu_batch in self.collated(seqs):
+                batch = {n: v.to(_device(self.policy)) for n, v in cpu_batch.items()}
                 ref = self.reference_logps(batch) if self.needs_reference else None
-                owner = token_owner(batch["seq_index"], positions)
-                index = batch["completion_index"][owner.cpu()]  # (tokens,) the batch index of each token's completion
-                for s in chunk:
-                    mine = (index == s.index).nonzero(as_tuple=True)[0].to(logps.device)
-                    s.token_fields["old_logps"] = logps[mine].tolist()
+                fields = {"ref_logps": ref}
+                if old_pass:
+                    selected, targets, _ = labelled_states(self._decoder, batch["input_ids"], batch["labels"],
+                                                           batch["position_ids"])
+                    logps, entropy = chunked_token_logps_entropy(selected, targets, self._head)
+                    fields.update(old_logps=logps, old_values=self.measure_values(selected))
+                    entropy_sum += float(entropy.sum())
+                    num_tokens += int(logps.numel())
                     if ref is not None:
-                        s.token_fields["ref_logps"] = ref[mine].tolist()
-                    if values is not None:
-                        s.token_fields["old_values"] = values[mine].tolist()
-                entropy_sum += float(entropy.sum())
-                num_tokens += int(logps.numel())
-                if ref is not None:
-                    kl_sum += float(self.kl_estimate(logps, ref).sum())
+                        kl_sum += float(self.kl_estimate(logps, ref).sum())
+                _store_per_completion(chunk, batch, fields)
         finally:
             self.model.train(was_training)
+        if not old_pass:
+            return {}
         out = {"entropy": entropy_sum / max(num_tokens, 1)}
         if self.needs_reference:
             out["kl"] = kl_sum / max(num_tokens, 1)
             out["kl_per_completion"] = kl_sum / max(len(seqs), 1)
         return out
-
-    @torch.no_grad()
-    def measure_reference(self, seqs: list[Sequence]) -> dict[str, float]:
-        """Only the reference log-probs (entropy and KL are then logged by the update)."""
-        if not self.needs_reference:
-            return {}
-        for k in range(0, len(seqs), self.rl.micro_batch_size):
-            chunk = seqs[k : k + self.rl.micro_batch_size]
-            batch = {n: v.to(_device(self.policy)) for n, v in
-                     collate_sequences(pack_sequences(chunk, self.cfg.train.max_length), self.pad_id).items()}
-            ref = self.reference_logps(batch)
-            _, _, positions = labelled_states_positions(batch)
-            index = batch["completion_index"][token_owner(batch["seq_index"], positions).cpu()]
-            for s in chunk:
-                s.token_fields["ref_logps"] = ref[(index == s.index).nonzero(as_tuple=True)[0].to(ref.device)].tolist()
-        return {}
 
     def kl_estimate(self, logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
         """The per-token KL estimate logged (and used by the method's penalty)."""
@@ -253,12 +240,16 @@ class RLObjective(nn.Module):
                                      "rewards": parts, "finish_reason": g.finish_reason}, ensure_ascii=False) + "\n")
 
 
-def labelled_states_positions(batch: dict[str, torch.Tensor]) -> tuple[None, None, torch.Tensor]:
-    """The flat positions that predict a labelled token, without running the model."""
-    from tunesmith.ops.losses import shift_targets
-
+def _store_per_completion(chunk: list[Sequence], batch: dict[str, torch.Tensor],
+                          fields: dict[str, torch.Tensor | None]) -> None:
+    """Split per-token tensors (labelled-token order) back to the completions they belong to."""
     positions, _ = shift_targets(batch["labels"])
-    return None, None, positions
+    index = batch["completion_index"][token_owner(batch["seq_index"], positions)]  # (tokens,) completion of each token
+    for s in chunk:
+        mine = (index == s.index).nonzero(as_tuple=True)[0]
+        for name, values in fields.items():
+            if values is not None:
+                s.token_fields[name] = values[mine].tolist()
 
 
 def _device(module: nn.Module) -> torch.device:
