@@ -32,16 +32,18 @@ def _env() -> dict[str, str]:
     return env
 
 
-def test_accumulation_equals_larger_batch(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_accumulation_and_split_passes_equal_larger_batch(tmp_path: Path, tiny_model_dir: Path) -> None:
     data = write_chat(tmp_path, 24)
     runs = {}
-    for name, batch, accum in (("big", 8, 1), ("accum", 2, 4)):
+    # big: 8 rows in one pass; accum: 4 micro-batches of 2; split: 8 rows run one pass per row (forward_tokens)
+    for name, batch, accum, passes in (("big", 8, 1, 10**6), ("accum", 2, 4, 10**6), ("split", 8, 1, 64)):
         cfg = run_config(tiny_model_dir, data, tmp_path / name, max_steps=4, batch_size=batch, grad_accum=accum,
-                         lr=1e-3, max_length=64)
+                         lr=1e-3, max_length=64, forward_tokens=passes)
         cfg["lora"] = None
         tunesmith.train(cfg)
         runs[name] = final_weights(tmp_path / name)
     _assert_close(runs["big"], runs["accum"], atol=1e-5)
+    _assert_close(runs["big"], runs["split"], atol=1e-5)
     moved = final_weights(tmp_path / "big")
     assert any(not torch.equal(v, runs["accum"][k]) or v.abs().sum() > 0 for k, v in moved.items())
 

@@ -112,6 +112,31 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
+# Tokens per forward/backward pass when train.forward_tokens is null. On CPU, passes of 512-1024 tokens
+# run as fast per token as 4096-token ones and hold a quarter of the activations (bench/RESULTS.md).
+DEFAULT_FORWARD_TOKENS = {"cpu": 1024, "cuda": 16384}
+
+
+def forward_groups(rows: list[Row], limit: int | None) -> list[list[Row]]:
+    """Consecutive groups of `rows` that each fit `limit` padded tokens (rows x longest row); a row longer
+    than `limit` goes alone. Losses are normalised over the whole update, so the split changes no maths."""
+    if not limit:
+        return [rows] if rows else []
+    groups: list[list[Row]] = []
+    current: list[Row] = []
+    width = 0
+    for row in rows:
+        wider = max(width, len(row.input_ids))
+        if current and wider * (len(current) + 1) > limit:
+            groups.append(current)
+            current, wider = [], len(row.input_ids)
+        current.append(row)
+        width = wider
+    if current:
+        groups.append(current)
+    return groups
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -272,6 +297,7 @@ def train_loop(
         logger.write(f"resumed from checkpoint at step {resumed_from}")
     order = RowOrder(len(train_rows), cfg.batch_size * cfg.grad_accum * info.world_size, cfg.seed)
     per_rank = cfg.batch_size * cfg.grad_accum
+    forward_tokens = cfg.forward_tokens or DEFAULT_FORWARD_TOKENS.get(info.device.type)
     trainable = [p for p in model.parameters() if p.requires_grad]
     update = Updater(ddp_module, loss_module, optimizer, trainable, cfg.max_grad_norm, info)
     custom_step = getattr(loss_module, "train_step", None)
@@ -291,7 +317,11 @@ def train_loop(
                 # e.g. RL: roll out, score, then one or more updates through `update`
                 outcome = custom_step(mine, step=state.step, update=update, run_dir=run_dir)
             else:
-                micro = [collate_fn(mine[i : i + cfg.batch_size], pad_id) for i in range(0, per_rank, cfg.batch_size)]
+                micro = [
+                    collate_fn(group, pad_id)
+                    for i in range(0, per_rank, cfg.batch_size)
+                    for group in forward_groups(mine[i : i + cfg.batch_size], forward_tokens)
+                ]
                 outcome = update(micro)
                 tokens = torch.tensor([sum(len(r.input_ids) for r in mine)], dtype=torch.float64, device=info.device)
                 all_reduce_sum(tokens, info)
