@@ -64,7 +64,7 @@ class TrainConfig:
     epochs: float = field(default=1, metadata=_doc("passes over the training data when max_steps is not set"))
     batch_size: int = field(default=8, metadata=_doc("rows per micro-batch on each rank"))
     grad_accum: int = field(default=1, metadata=_doc("micro-batches accumulated per optimizer step"))
-    forward_tokens: int | None = field(default=None, metadata=_doc("most tokens (rows x padded length) in one forward/backward pass: a micro-batch is run in passes that fit, with the same maths; null = 1024 on CPU, 16384 on GPU"))
+    forward_tokens: int | None = field(default=None, metadata=_doc("most tokens (rows x padded length) in one forward/backward pass: a micro-batch is run in passes that fit, with the same maths; null = 512 on CPU, 16384 on GPU"))
     lr: float = field(default=2e-4, metadata=_doc("peak learning rate"))
     weight_decay: float = field(default=0.0, metadata=_doc("AdamW decoupled weight decay"))
     warmup_ratio: float = field(default=0.05, metadata=_doc("fraction of steps with linear warm-up before the cosine decay"))

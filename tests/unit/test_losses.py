@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,21 +10,61 @@ from torch import nn
 from tunesmith.ops.losses import chunked_cross_entropy_sum, shift_targets
 
 
-def test_chunked_equals_full_value_and_gradient() -> None:
+def _full_and_chunked(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float, wrt: list):
+    full = F.cross_entropy(head(hidden), targets, reduction="sum")
+    chunked = chunked_cross_entropy_sum(hidden, targets, head, chunk_size=8)
+    return full, chunked, torch.autograd.grad(full * scale, wrt), torch.autograd.grad(chunked * scale, wrt)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.37])
+def test_chunked_equals_full_value_and_gradient(scale: float) -> None:
+    # a plain linear head takes the fused path (gradients computed in forward, scaled in backward)
     torch.manual_seed(0)
     head = nn.Linear(16, 50, bias=False)
     hidden = torch.randn(37, 16, requires_grad=True)
     targets = torch.randint(0, 50, (37,))
-
-    full = F.cross_entropy(head(hidden), targets, reduction="sum")
-    g_hidden, g_weight = torch.autograd.grad(full, [hidden, head.weight])
-
-    chunked = chunked_cross_entropy_sum(hidden, targets, head, chunk_size=8)
-    c_hidden, c_weight = torch.autograd.grad(chunked, [hidden, head.weight])
-
+    full, chunked, (g_hidden, g_weight), (c_hidden, c_weight) = _full_and_chunked(
+        head, hidden, targets, scale, [hidden, head.weight])
+    assert chunked.grad_fn is not None and "LinearCrossEntropy" in type(chunked.grad_fn).__name__
     torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(c_hidden, g_hidden, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(c_weight, g_weight, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_path_with_a_frozen_head_gives_the_hidden_gradient_only() -> None:
+    # LoRA: the head is frozen, only the hidden states (from the adapted layers) need a gradient
+    torch.manual_seed(1)
+    head = nn.Linear(16, 50, bias=False).requires_grad_(False)
+    hidden = torch.randn(20, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (20,))
+    full, chunked, (g_hidden,), (c_hidden,) = _full_and_chunked(head, hidden, targets, 2.0, [hidden])
+    torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(c_hidden, g_hidden, atol=1e-6, rtol=1e-5)
+
+
+def test_other_heads_recompute_their_logits_and_agree() -> None:
+    # a head with a bias (or any non-plain module) takes the checkpointed path
+    torch.manual_seed(2)
+    head = nn.Linear(16, 50, bias=True)
+    hidden = torch.randn(21, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (21,))
+    full, chunked, grads, c_grads = _full_and_chunked(head, hidden, targets, 1.0, [hidden, head.weight, head.bias])
+    assert "LinearCrossEntropy" not in type(chunked.grad_fn).__name__
+    torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-6)
+    for c, g in zip(c_grads, grads):
+        torch.testing.assert_close(c, g, atol=1e-6, rtol=1e-5)
+
+
+def test_no_grad_gives_the_same_value_without_a_graph() -> None:
+    torch.manual_seed(3)
+    head = nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(19, 16)
+    targets = torch.randint(0, 50, (19,))
+    with torch.no_grad():
+        out = chunked_cross_entropy_sum(hidden, targets, head, chunk_size=8)
+        full = F.cross_entropy(head(hidden), targets, reduction="sum")
+    assert out.grad_fn is None
+    torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-6)
 
 
 def test_shift_targets_skips_ignored() -> None:

@@ -32,7 +32,14 @@ class _Head(nn.Module):
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.scale = getattr(config, "logit_scale", None)
 
+    def linear_weight(self) -> torch.Tensor | None:
+        """The weight when the head is just `hidden @ weight.T` (no bias, scale or softcap, not adapted), else None."""
+        if type(self.proj) is nn.Linear and self.proj.bias is None and self.scale is None and not self.softcap:
+            return self.proj.weight
+        return None
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (..., vocab)."""
         logits = self.proj(hidden)
         if self.scale is not None:
             logits = logits * self.scale

@@ -112,9 +112,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-# Tokens per forward/backward pass when train.forward_tokens is null. On CPU, passes of 512-1024 tokens
-# run as fast per token as 4096-token ones and hold a quarter of the activations (bench/RESULTS.md).
-DEFAULT_FORWARD_TOKENS = {"cpu": 1024, "cuda": 16384}
+# Tokens per forward/backward pass when train.forward_tokens is null. On CPU, passes of 512 tokens run
+# faster per token than 4096-token ones and hold an eighth of the activations (bench/RESULTS.md).
+DEFAULT_FORWARD_TOKENS = {"cpu": 512, "cuda": 16384}
 
 
 def forward_groups(rows: list[Row], limit: int | None) -> list[list[Row]]:

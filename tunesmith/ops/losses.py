@@ -29,19 +29,31 @@ def _chunk_ce_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) 
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def linear_weight(head: nn.Module) -> torch.Tensor | None:
+    """The weight of a head that computes exactly `hidden @ weight.T`, or None for any other head."""
+    if type(head) is nn.Linear and head.bias is None:
+        return head.weight
+    own = getattr(head, "linear_weight", None)  # e.g. core.lm_loss's head wrapper
+    return own() if callable(own) else None
+
+
 def chunked_cross_entropy_sum(
     hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk_size: int = 1024
 ) -> torch.Tensor:
     """Sum of token cross-entropies of `head(hidden)` against `targets`, chunk by chunk.
 
     hidden: (tokens, hidden_size) — only positions that carry a loss, so no logits are computed
-    for prompt tokens. Each chunk's logits are recomputed in backward (activation checkpointing),
-    so at most one `(chunk_size, vocab)` float32 block is alive at a time instead of the full
-    `(tokens, vocab)` logits and their gradient.
+    for prompt tokens. At most one `(chunk_size, vocab)` float32 block is alive at a time instead
+    of the full `(tokens, vocab)` logits and their gradient. A plain linear head (the usual case)
+    goes through `LinearCrossEntropy`, which computes the gradients while the chunk's logits are
+    at hand; any other head recomputes each chunk's logits in backward (activation checkpointing).
     """
     if hidden.shape[0] == 0:
         # keep the graph connected so DDP and accumulation see a (zero) gradient for every parameter
         return hidden.sum() * 0.0
+    weight = linear_weight(head)
+    if weight is not None and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_size):
         h = hidden[start : start + chunk_size]
@@ -51,6 +63,54 @@ def chunked_cross_entropy_sum(
         else:
             total = total + _chunk_ce_sum(h, t, head)
     return total
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Sum over rows of cross_entropy(hidden @ weight.T, targets), gradients computed in the forward pass.
+
+    The loss is a scalar, so its gradient is the upstream scalar times d(loss)/d(inputs). Each chunk's
+    gradient of the logits is softmax - one_hot; it is turned into the hidden states' gradient (and the
+    weight's, when the weight is trained) at once, while the chunk's logits are in memory. Backward only
+    scales what forward stored: the head runs once per token instead of twice (forward, then again
+    under checkpointing), and only `(tokens, hidden)` plus, for a trained weight, `(vocab, hidden)` is kept.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        """Loss sum (float32 scalar); stores the gradients for backward."""
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.weight_dtype = weight.dtype
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None  # (tokens, hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None  # (vocab, hidden)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size]  # (chunk, hidden)
+            t = targets[start : start + chunk_size]  # (chunk,)
+            logits = (h @ weight.t()).float()  # (chunk, vocab)
+            lse = torch.logsumexp(logits, dim=-1)  # (chunk,)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_hidden or need_weight:
+                grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad_logits[torch.arange(t.numel(), device=t.device), t] -= 1.0
+                grad_logits = grad_logits.to(hidden.dtype)
+                if need_hidden:
+                    torch.mm(grad_logits, weight, out=grad_hidden[start : start + chunk_size])
+                if need_weight:
+                    grad_weight.addmm_(grad_logits.t().to(grad_weight.dtype), h.to(grad_weight.dtype))
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """The stored gradients times the upstream scalar."""
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_output.to(torch.float32)
+        return (
+            (grad_hidden * scale).to(grad_hidden.dtype) if grad_hidden is not None else None,
+            (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None,
+            None,
+            None,
+        )
 
 
 def _chunk_token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:

@@ -1,0 +1,143 @@
+"""What every benchmark here shares: memory and CPU measurements, the result line of one side, running a side in
+its own child process, tunesmith/TRL ratios, and the machine's measured fp32 matmul rate (for MFU).
+
+Each benchmark script is both the parent (builds the data, runs the sides one after the other, prints JSON lines)
+and the child (`--side NAME`: trains, then writes its result to WORKDIR/NAME.json for the parent to read).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SIDES = ("tunesmith", "trl")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mib() -> float:
+    """Resident memory of this process now, in MiB."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def loss_summary(losses: list[float]) -> dict[str, float | None]:
+    """First and final step loss, and the mean over the last 10% of steps (single steps are noisy)."""
+    if not losses:
+        return {"first_loss": None, "final_loss": None, "last10pct_loss": None}
+    tail = losses[-max(1, math.ceil(0.1 * len(losses))) :]
+    return {"first_loss": losses[0], "final_loss": losses[-1], "last10pct_loss": sum(tail) / len(tail)}
+
+
+def machine_facts() -> dict[str, Any]:
+    """Peak memory (RSS, and CUDA when there is a GPU), torch threads and load: read when a side ends."""
+    import torch
+
+    facts: dict[str, Any] = {
+        "peak_rss_mib": peak_rss_mib(),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],  # other work on the machine skews wall times
+    }
+    if torch.cuda.is_available():
+        facts["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        facts["device_name"] = torch.cuda.get_device_name()
+    return facts
+
+
+def matmul_gflops(m: int = 2048, k: int = 2048, n: int = 2048, repeats: int = 8) -> float:
+    """The best fp32 (CPU) or bf16 (CUDA) matmul rate of this machine in GFLOP/s, with torch's current threads."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    if cuda:
+        m, k, n = 8192, 8192, 8192
+    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+    best = math.inf
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n / best / 1e9
+
+
+def run_child(script: Path, side: str, workdir: Path, args: list[str], threads: int | None = None) -> dict:
+    """Run `script --side SIDE` in its own process (so peak RSS is that side's) and read back its result line."""
+    out = workdir / f"{side}.json"
+    # A reused --workdir: drop this side's earlier result and run folder (tunesmith refuses a finished run's folder).
+    out.unlink(missing_ok=True)
+    shutil.rmtree(workdir / f"{side}-run", ignore_errors=True)
+    cmd = [sys.executable, str(script), "--side", side, "--workdir", str(workdir), *args]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    # The repository root first on the path: the children measure this checkout's tunesmith, whatever is installed.
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1"}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    print(f"--- {side}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, env=env, check=False)
+    if proc.returncode != 0 or not out.exists():
+        raise SystemExit(f"{side} side failed (exit status {proc.returncode}); its output is above")
+    result = json.loads(out.read_text())
+    result["process_s"] = time.perf_counter() - started
+    return result
+
+
+def write_result(workdir: Path, side: str, result: dict) -> None:
+    """The child's last act: its result line, for the parent."""
+    (workdir / f"{side}.json").write_text(json.dumps(result))
+
+
+def set_threads(threads: int | None) -> None:
+    """Fix torch's CPU threads in a child (None leaves torch's choice)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def ratios(ts: dict, trl: dict, keys: tuple[str, ...]) -> dict[str, float | None]:
+    """tunesmith / TRL for each of `keys` both sides report."""
+    out: dict[str, float | None] = {}
+    for key in keys:
+        a, b = ts.get(key), trl.get(key)
+        if a is not None and b is not None:
+            out[key] = a / b if b else None
+    return out
+
+
+def chosen_sides(text: str) -> list[str]:
+    """The --sides list, checked."""
+    sides = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = sorted(set(sides) - set(SIDES))
+    if unknown:
+        raise SystemExit(f"--sides: unknown {', '.join(unknown)}; choose from {', '.join(SIDES)}")
+    return sides
+
+
+def default_model_path() -> str:
+    """The HF folder both sides load: the default model as tunesmith imports it from its .gguf."""
+    from tunesmith.config import LoadConfig
+    from tunesmith.model import resolve_model
+
+    return resolve_model("default", LoadConfig()).path

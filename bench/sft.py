@@ -1,0 +1,439 @@
+"""SFT and continued-pretraining throughput, memory and MFU: tunesmith against TRL's SFTTrainer (+ PEFT for LoRA)
+on the same model, data and settings.
+
+Run from the repository root (`make bench` does this after installing the `bench` extra):
+
+    python bench/sft.py [--jobs lora,full,pretrain] [--rows 64] [--max-length 512] [--threads N]
+
+Jobs:
+  lora      prompt/completion SFT, LoRA r=16 on all linear layers, lr 2e-4 (4·N FLOPs per token)
+  full      the same rows, all weights trained, lr 2e-5 (6·N FLOPs per token)
+  pretrain  plain text in blocks of max_length, all weights trained, lr 2e-5 (6·N FLOPs per token)
+
+The parent process builds the data once per job (rows cut from CPython's `pydoc_data.topics`, seeded), measures the
+machine's fp32 matmul rate, then runs each side in its own child process (`--side tunesmith|trl`) so that peak RSS
+is per side. It prints one JSON line per side, then one line of ratios (tunesmith / TRL, with MFU), and for the SFT
+jobs one line that checks both sides tokenised the data to the same ids. Only training is timed; model loading and
+saving are not, and peak RSS is read when training ends. Tokens are counted the same way on both sides: non-padding
+tokens of the training batches seen. Each job trains for one epoch over its data on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402  (bench/ is not a package; its scripts run as files)
+    SIDES,
+    chosen_sides,
+    default_model_path,
+    loss_summary,
+    machine_facts,
+    matmul_gflops,
+    peak_rss_mib,
+    ratios,
+    rss_mib,
+    run_child,
+    set_threads,
+    write_result,
+)
+
+PROMPTS = (
+    "Quote the Python language reference on {topic!r}, from the passage that begins “{opening}”.",
+    "What does the Python documentation say about {topic!r}? Start at “{opening}”.",
+    "Recite the section of the Python docs about {topic!r} that opens with “{opening}”, word for word.",
+    "I need the exact text of the Python reference entry {topic!r} beginning with “{opening}”.",
+)
+
+# The settings both sides share; each side's code below maps them to its own config keys.
+LORA_R, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS = 16, 32, 0.0, "all-linear"
+BATCH_SIZE, GRAD_ACCUM, SEED, MAX_GRAD_NORM = 8, 1, 0, 1.0
+JOBS: dict[str, dict[str, Any]] = {
+    "lora": {"method": "sft", "lora": True, "lr": 2e-4, "flops_per_param": 4},
+    "full": {"method": "sft", "lora": False, "lr": 2e-5, "flops_per_param": 6},
+    "pretrain": {"method": "pretrain", "lora": False, "lr": 2e-5, "flops_per_param": 6},
+}
+RATIO_KEYS = ("tokens_per_s", "tokens_per_cpu_s", "median_step_tokens_per_s", "s_per_step", "peak_rss_mib",
+              "peak_cuda_mib", "mfu")
+GOALS = {"lora": (2.5, 0.5), "full": (2.0, 0.6), "pretrain": (1.5, 0.6)}  # (tokens/s at least, peak memory at most)
+
+
+# ---------------------------------------------------------------- data
+
+
+def _slice(text: str, length: int, rng: random.Random) -> str:
+    """A seeded slice of `text` of about `length` characters that starts at a word."""
+    start = rng.randint(0, len(text) - length)
+    match = re.compile(r"(?<=\s)\S").search(text, start)
+    start = match.start() if match and match.start() <= len(text) - length else start
+    return text[start : start + length].rstrip()
+
+
+def make_rows(num_rows: int, seed: int, min_chars: int = 80, max_chars: int = 1200) -> list[dict[str, str]]:
+    """Prompt/completion rows whose answers are seeded slices (min_chars..max_chars) of pydoc topic texts."""
+    from pydoc_data.topics import topics
+
+    rng = random.Random(seed)
+    names = sorted(topics)
+    rows = []
+    for _ in range(num_rows):
+        length = rng.randint(min_chars, max_chars)
+        name = rng.choice([n for n in names if len(topics[n]) >= length])
+        answer = _slice(topics[name], length, rng)
+        opening = " ".join(answer.split()[:6])
+        rows.append({"prompt": rng.choice(PROMPTS).format(topic=name, opening=opening), "completion": answer})
+    return rows
+
+
+def make_texts(num_docs: int, seed: int, min_chars: int = 300, max_chars: int = 4000) -> list[dict[str, str]]:
+    """Plain-text documents for continued pretraining: seeded slices of pydoc topic texts, some longer than a block."""
+    from pydoc_data.topics import topics
+
+    rng = random.Random(seed)
+    names = sorted(topics)
+    docs = []
+    for _ in range(num_docs):
+        length = rng.randint(min_chars, max_chars)
+        name = rng.choice([n for n in names if len(topics[n]) >= length])
+        docs.append({"text": _slice(topics[name], length, rng)})
+    return docs
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def side_result(side: str, *, tokens: int, train_s: float, cpu_s: float, steps: int, losses: list[float],
+                step_tokens_per_s: list[float], peak_rss: float, **extra: Any) -> dict:
+    """One side's result line: throughput, time per step, peak memory (when training ended), losses."""
+    ordered = sorted(step_tokens_per_s)
+    facts = machine_facts()
+    facts["peak_rss_mib"] = peak_rss
+    return {
+        "side": side,
+        "tokens_per_s": tokens / train_s if train_s > 0 else None,
+        "tokens": tokens,
+        "train_s": train_s,
+        "steps": steps,
+        "s_per_step": train_s / steps if steps else None,
+        **loss_summary(losses),
+        # CPU seconds of the whole process during training: less sensitive than wall time to other load.
+        "cpu_s": cpu_s,
+        "tokens_per_cpu_s": tokens / cpu_s if cpu_s > 0 else None,
+        "median_step_tokens_per_s": ordered[len(ordered) // 2] if ordered else None,
+        **facts,
+        **extra,
+    }
+
+
+# ---------------------------------------------------------------- the two sides
+
+
+def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
+    """The job with tunesmith (its defaults: packed rows, passes of train.forward_tokens), timed by its own loop."""
+    import tunesmith
+    import tunesmith.core.run as run_module
+
+    job = JOBS[args.job]
+    train: dict[str, Any] = {
+        "batch_size": BATCH_SIZE, "grad_accum": GRAD_ACCUM, "lr": job["lr"], "weight_decay": 0.0,
+        "warmup_ratio": 0.0, "min_lr_ratio": 1.0,  # with no warm-up: a constant learning rate, as on the TRL side
+        "max_grad_norm": MAX_GRAD_NORM, "max_length": args.max_length, "packing": not args.no_packing,
+        "seed": SEED, "save_every": 0, "eval_every": 0, "log_every": 1,
+        "gradient_checkpointing": args.gradient_checkpointing, "epochs": 1,
+        "forward_tokens": args.forward_tokens,
+    }
+    cfg = {
+        "method": job["method"],
+        "model": args.model_path,
+        "output_dir": str(workdir / "tunesmith-run"),
+        "data": {"train": str(workdir / "train.jsonl")},
+        "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": LORA_TARGETS}
+        if job["lora"] else None,
+        "train": train,
+        "load": {"dtype": "float32" if args.device == "cpu" else "bfloat16"},
+        "output": {"merge": False, "save_adapter": False},
+    }
+    cpu = {"s": 0.0, "rss_at_start": 0.0, "peak": 0.0}
+    train_loop = run_module.train_loop
+
+    def timed_loop(**kwargs: Any) -> Any:
+        """tunesmith's own loop, with its process CPU time and the peak memory at its end recorded."""
+        cpu["rss_at_start"] = rss_mib()
+        start = time.process_time()
+        try:
+            return train_loop(**kwargs)
+        finally:
+            cpu["s"] = time.process_time() - start
+            cpu["peak"] = peak_rss_mib()
+
+    run_module.train_loop = timed_loop
+    result = tunesmith.train(cfg)
+    loop, stats = result.loop, result.train_stats
+    return side_result(
+        "tunesmith",
+        tokens=loop.tokens_seen,
+        train_s=loop.wall_s,
+        cpu_s=cpu["s"],
+        steps=loop.steps,
+        losses=[h["loss"] for h in loop.history if "loss" in h],
+        step_tokens_per_s=[h["tokens_per_s"] for h in loop.history if "tokens_per_s" in h],
+        peak_rss=cpu["peak"],
+        rss_at_train_start_mib=cpu["rss_at_start"],
+        packing=train["packing"],
+        data_rows=stats.num_rows,
+        data_tokens=stats.num_tokens,
+        data_trained_tokens=stats.num_trained_tokens,
+        truncated=stats.num_truncated,
+        trainable_params=result.parameters.get("trainable"),
+        # the model without its adapters: what MFU counts
+        model_params=result.parameters.get("total", 0) - (result.parameters.get("trainable", 0) if job["lora"] else 0),
+    )
+
+
+def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
+    """The job with TRL's SFTTrainer: SFT rows padded (TRL's default), pretraining text packed (bfd_split)."""
+    import datasets
+    import peft
+    import torch
+    import trl
+    from transformers import AutoTokenizer, TrainerCallback
+
+    job = JOBS[args.job]
+
+    class Timer(TrainerCallback):
+        """Wall and CPU time from train begin to train end (setup and saving excluded), and tokens/s per step."""
+
+        def __init__(self) -> None:
+            self.trainer: Any = None
+            self.begin = self.end = self.cpu_begin = self.cpu_end = self.rss_at_start = self.peak = 0.0
+            self.last, self.last_tokens = 0.0, 0
+            self.step_tokens_per_s: list[float] = []
+
+        def on_train_begin(self, *_: Any, **__: Any) -> None:
+            self.rss_at_start = rss_mib()
+            self.begin = self.last = time.perf_counter()
+            self.cpu_begin = time.process_time()
+
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            now, tokens = time.perf_counter(), int(self.trainer._total_train_tokens)
+            self.step_tokens_per_s.append((tokens - self.last_tokens) / max(now - self.last, 1e-9))
+            self.last, self.last_tokens = now, tokens
+
+        def on_train_end(self, *_: Any, **__: Any) -> None:
+            self.end = time.perf_counter()
+            self.cpu_end = time.process_time()
+            self.peak = peak_rss_mib()
+
+    records = read_jsonl(workdir / "train.jsonl")
+    if job["method"] == "pretrain":
+        dataset = datasets.Dataset.from_list(records)
+    else:
+        dataset = datasets.Dataset.from_list([
+            {"prompt": [{"role": "user", "content": r["prompt"]}],
+             "completion": [{"role": "assistant", "content": r["completion"]}]}
+            for r in records
+        ])
+    tokenizer = AutoTokenizer.from_pretrained(args.model_path)
+    bf16 = args.device == "cuda"
+    config = trl.SFTConfig(
+        output_dir=str(workdir / "trl-run"),
+        per_device_train_batch_size=BATCH_SIZE,
+        gradient_accumulation_steps=GRAD_ACCUM,
+        learning_rate=job["lr"],
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=MAX_GRAD_NORM,
+        num_train_epochs=1,
+        max_length=args.max_length,
+        # Pretraining: blocks of max_length, long texts split (as tunesmith's pretrain); SFT: TRL's default, padded.
+        packing=job["method"] == "pretrain",
+        packing_strategy="bfd_split",
+        seed=SEED,
+        bf16=bf16,  # float32 on CPU on both sides; bf16 on CUDA on both sides
+        fp16=False,
+        activation_checkpointing=args.gradient_checkpointing,  # TRL defaults to on; tunesmith to off
+        model_init_kwargs={"dtype": "bfloat16" if bf16 else "float32", "attn_implementation": "sdpa"},
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=False,
+    )
+    lora = peft.LoraConfig(
+        task_type=peft.TaskType.CAUSAL_LM, r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
+        target_modules=LORA_TARGETS, bias="none",
+    ) if job["lora"] else None
+    timer = Timer()
+    trainer = trl.SFTTrainer(model=args.model_path, args=config, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=lora, callbacks=[timer])
+    timer.trainer = trainer
+    trainer.train()
+    # TRL's own count (its `num_tokens` metric): the attention_mask sum (padded) or the packed length per batch.
+    tokens = int(trainer._total_train_tokens)
+    prepared = trainer.train_dataset
+    params = list(trainer.model.parameters())  # tied weights once
+    result = side_result(
+        "trl",
+        tokens=tokens,
+        train_s=timer.end - timer.begin,
+        cpu_s=timer.cpu_end - timer.cpu_begin,
+        steps=trainer.state.global_step,
+        losses=[e["loss"] for e in trainer.state.log_history if "loss" in e],
+        step_tokens_per_s=timer.step_tokens_per_s,
+        peak_rss=timer.peak,
+        rss_at_train_start_mib=timer.rss_at_start,
+        packing=config.packing,
+        data_rows=len(prepared),
+        data_tokens=sum(len(ids) for ids in prepared["input_ids"]),
+        trainable_params=sum(p.numel() for p in params if p.requires_grad),
+        model_params=sum(p.numel() for n, p in trainer.model.named_parameters() if "lora_" not in n),
+    )
+    if job["method"] != "pretrain":
+        result["data_trained_tokens"] = sum(sum(1 for x in labels if x != -100) for labels in prepared["labels"])
+        # For the parent's tokenisation check; written after peak RSS was read.
+        tokens_seen = {"input_ids": [list(x) for x in prepared["input_ids"]],
+                       "labels": [list(x) for x in prepared["labels"]]}
+        (workdir / "trl_tokens.json").write_text(json.dumps(tokens_seen))
+    return result
+
+
+# ---------------------------------------------------------------- parent
+
+
+def check_tokens(workdir: Path, model_path: str, max_length: int) -> dict:
+    """Compare TRL's prepared rows with tunesmith's unpacked documents: token ids, and the trained-token masks."""
+    from tunesmith.config import LoadConfig
+    from tunesmith.data import build_dataset
+    from tunesmith.model import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(model_path, LoadConfig()), LoadConfig())
+    docs = build_dataset(
+        str(workdir / "train.jsonl"), tokenizer, method="sft", max_length=max_length, packing=False
+    ).rows
+    trl_rows = json.loads((workdir / "trl_tokens.json").read_text())
+    pairs = list(zip(docs, trl_rows["input_ids"], trl_rows["labels"]))
+    same_ids = sum(d.input_ids == ids for d, ids, _ in pairs)
+    only_trl = only_ts = 0
+    for d, _, labels in pairs:
+        for a, b in zip(d.labels, labels):
+            only_ts += a != -100 and b == -100
+            only_trl += a == -100 and b != -100
+    return {
+        "check": "tokenisation",
+        "rows": [len(docs), len(trl_rows["input_ids"])],
+        "rows_with_same_input_ids": same_ids,
+        "tokens_trained_only_by_trl": only_trl,
+        "tokens_trained_only_by_tunesmith": only_ts,
+    }
+
+
+def add_mfu(result: dict, job: str, rate_gflops: float) -> None:
+    """Model-FLOPs utilisation: flops_per_param · N · tokens/s over the measured matmul rate, with N the model's
+    parameters without adapters (4·N for LoRA, which computes no weight gradients; 6·N for all weights)."""
+    rate = result.get("tokens_per_s")
+    flops = JOBS[job]["flops_per_param"] * (result.get("model_params") or 0) * rate / 1e9 if rate else None
+    result["model_gflops_per_s"] = flops
+    result["mfu"] = flops / rate_gflops if flops else None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--jobs", default=",".join(JOBS), help=f"comma-separated jobs, in order (default {','.join(JOBS)})")
+    p.add_argument("--rows", type=int, default=64, help="SFT rows, and pretraining texts, to build per job (default 64)")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per row (default 512)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed for building the data")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads in each side (default: torch's choice)")
+    p.add_argument("--sides", default=",".join(SIDES), help="comma-separated sides to run, in order")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="turn it on for both sides (off by default)")
+    p.add_argument("--no-packing", action="store_true", help="tunesmith without packing (padded rows like TRL)")
+    p.add_argument("--forward-tokens", type=int, default=None,
+                   help="tunesmith's train.forward_tokens (default: its own default for the device)")
+    p.add_argument("--model-path", default=None, help="HF folder to train (default: tunesmith's default model)")
+    p.add_argument("--workdir", default=None, help="folder for data and run outputs (default: a new temp folder)")
+    p.add_argument("--no-check", action="store_true", help="skip comparing the two sides' tokenisation")
+    p.add_argument("--side", choices=SIDES, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--job", choices=list(JOBS), default="lora", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.rows < 1:
+        p.error("--rows must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parent: per job, build data, run each side in a child, print JSON lines. Child (--side): train one side."""
+    args = parse_args(argv)
+    import torch
+
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.side:
+        set_threads(args.threads)
+        result = (run_tunesmith if args.side == "tunesmith" else run_trl)(args, Path(args.workdir))
+        write_result(Path(args.workdir), args.side, result)
+        return
+
+    jobs = [j.strip() for j in args.jobs.split(",") if j.strip()]
+    unknown = sorted(set(jobs) - set(JOBS))
+    if unknown:
+        raise SystemExit(f"--jobs: unknown {', '.join(unknown)}; choose from {', '.join(JOBS)}")
+    sides = chosen_sides(args.sides)
+    args.model_path = args.model_path or default_model_path()
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="tunesmith-bench-sft-"))
+    set_threads(args.threads)
+    rate = matmul_gflops()
+    print(json.dumps({"settings": {
+        "jobs": jobs, "rows": args.rows, "max_length": args.max_length, "batch_size": BATCH_SIZE,
+        "grad_accum": GRAD_ACCUM, "lr": {j: JOBS[j]["lr"] for j in jobs},
+        "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": LORA_TARGETS},
+        "gradient_checkpointing": args.gradient_checkpointing, "forward_tokens": args.forward_tokens,
+        "device": args.device,
+        "dtype": "float32" if args.device == "cpu" else "bfloat16", "threads": torch.get_num_threads(),
+        "seed": SEED, "model_path": args.model_path, "workdir": str(root),
+        "matmul_gflops": rate,  # the best (2048 x 2048) @ (2048 x 2048) matmul here, measured before the jobs
+    }}), flush=True)
+    for job in jobs:
+        workdir = root / job
+        workdir.mkdir(parents=True, exist_ok=True)
+        records = make_texts(args.rows, args.data_seed) if JOBS[job]["method"] == "pretrain" else make_rows(
+            args.rows, args.data_seed)
+        with open(workdir / "train.jsonl", "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        child_args = ["--job", job, "--model-path", args.model_path, "--max-length", str(args.max_length)]
+        if args.forward_tokens:
+            child_args += ["--forward-tokens", str(args.forward_tokens)]
+        child_args += ["--gradient-checkpointing"] * args.gradient_checkpointing + ["--no-packing"] * args.no_packing
+        results = {}
+        for side in sides:
+            results[side] = run_child(Path(__file__).resolve(), side, workdir, child_args, args.threads)
+            results[side]["job"] = job
+            add_mfu(results[side], job, rate)
+            print(json.dumps(results[side]), flush=True)
+        if "tunesmith" in results and "trl" in results:
+            line = {"job": job, "ratio": "tunesmith/trl", **ratios(results["tunesmith"], results["trl"], RATIO_KEYS)}
+            speed_goal, memory_goal = GOALS[job]
+            memory = line.get("peak_cuda_mib") or line.get("peak_rss_mib")
+            line[f"goal_tokens_per_s_ge_{speed_goal}"] = (line.get("tokens_per_s") or 0) >= speed_goal
+            line[f"goal_peak_memory_le_{memory_goal}"] = memory is not None and memory <= memory_goal
+            if job == "lora":
+                line["goal_mfu_ge_0.5"] = (results["tunesmith"].get("mfu") or 0) >= 0.5
+            print(json.dumps(line), flush=True)
+        if "trl" in results and JOBS[job]["method"] != "pretrain" and not args.no_check:
+            print(json.dumps({"job": job, **check_tokens(workdir, args.model_path, args.max_length)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
