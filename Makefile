@@ -32,7 +32,7 @@ chromium:
 
 bench: setup
 	$(PIP) install -q -e '.[dev,bench]'
-	$(PY) bench/sft_lora.py
+	$(PY) bench/sft.py
 	$(PY) bench/dpo.py
 	$(PY) bench/grpo.py
 

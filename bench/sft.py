@@ -93,7 +93,7 @@ def make_rows(num_rows: int, seed: int, min_chars: int = 80, max_chars: int = 12
     return rows
 
 
-def make_texts(num_docs: int, seed: int, min_chars: int = 300, max_chars: int = 4000) -> list[dict[str, str]]:
+def make_texts(num_docs: int, seed: int, min_chars: int = 300, max_chars: int = 2500) -> list[dict[str, str]]:
     """Plain-text documents for continued pretraining: seeded slices of pydoc topic texts, some longer than a block."""
     from pydoc_data.topics import topics
 
