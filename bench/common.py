@@ -57,6 +57,13 @@ def machine_facts() -> dict[str, Any]:
     return facts
 
 
+def train_dtype() -> str:
+    """The dtype both sides train in: float32 on CPU, bfloat16 on CUDA (tunesmith's own default per device)."""
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
 def matmul_gflops(m: int = 2048, k: int = 2048, n: int = 2048, repeats: int = 8) -> float:
     """The best fp32 (CPU) or bf16 (CUDA) matmul rate of this machine in GFLOP/s, with torch's current threads."""
     import torch

@@ -1,6 +1,6 @@
 """DPO throughput and memory: tunesmith's `method: dpo` against TRL's DPOTrainer + PEFT LoRA, same model, data, settings.
 
-Run from the repository root (`make bench` runs it after bench/sft_lora.py):
+Run from the repository root (`make bench` runs it after bench/sft.py):
 
     python bench/dpo.py [--pairs 64] [--steps 8] [--max-length 512] [--threads N] [--workdir DIR]
 
@@ -38,22 +38,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
-import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-# bench/ is on sys.path when this file runs as a script: reuse sft_lora's prompts and measurements.
-from sft_lora import PROMPTS, loss_summary, peak_rss_mib, read_jsonl, rss_mib
-
-ROOT = Path(__file__).resolve().parent.parent
-SIDES = ("tunesmith", "trl")
+# bench/ is on sys.path when this file runs as a script.
+from common import (
+    SIDES,
+    chosen_sides,
+    default_model_path,
+    loss_summary,
+    machine_facts,
+    ratios,
+    rss_mib,
+    run_child,
+    set_threads,
+    train_dtype,
+    write_result,
+)
+from sft import PROMPTS, read_jsonl
 
 # The settings both sides share; each side's code below maps them to its own config keys.
 LORA_R, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS = 16, 32, 0.0, "all-linear"
@@ -147,7 +153,6 @@ def side_result(
     **extra: Any,
 ) -> dict:
     """One side's result line: throughput without the first step, time per step, peak memory, losses."""
-    import torch
 
     result: dict[str, Any] = {
         "side": side,
@@ -156,17 +161,13 @@ def side_result(
         "pairs": pairs[-1] if pairs else 0,
         "tokens": tokens[-1] if tokens else 0,
         "first_step_s": stamps[0] - train_start if stamps else None,  # warm-up, not in the throughput
-        "peak_rss_mib": peak_rss_mib(),
         **loss_summary(losses),
         # CPU seconds of the whole process over the whole loop (first step included): less sensitive than
         # wall time to other load on the machine.
         "cpu_s": cpu_s,
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+        **machine_facts(),  # peak RSS (and CUDA memory), threads, load
         **extra,
     }
-    if torch.cuda.is_available():
-        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result
 
 
@@ -203,7 +204,7 @@ def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
             "log_every": 1,
             "gradient_checkpointing": args.gradient_checkpointing,
         },
-        "load": {"dtype": "float32"},
+        "load": {"dtype": train_dtype()},
         "eval": {"before": False},
         "output": {"merge": False, "save_adapter": False},
     }
@@ -324,10 +325,10 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
         loss_type=[DPO_LOSS],
         beta=BETA,
         seed=SEED,
-        bf16=False,  # TRL defaults to bf16 mixed precision; both sides train in float32 here
+        bf16=train_dtype() == "bfloat16",  # TRL defaults to bf16 mixed precision; both sides: float32 on CPU, bf16 on CUDA
         fp16=False,
         activation_checkpointing=args.gradient_checkpointing,  # TRL defaults to on; tunesmith to off
-        model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"},
+        model_init_kwargs={"dtype": train_dtype(), "attn_implementation": "sdpa"},
         use_cpu=not torch.cuda.is_available(),
         logging_steps=1,
         save_strategy="no",
@@ -416,45 +417,13 @@ def check_tokens(workdir: Path, model_path: str, max_length: int) -> dict:
 
 def run_side(side: str, args: argparse.Namespace, workdir: Path) -> dict:
     """Run one side in a child process (so its peak RSS is its own) and read back its result."""
-    out = workdir / f"{side}.json"
-    # A reused --workdir: drop this side's earlier result and run folder (tunesmith refuses a finished run's folder).
-    out.unlink(missing_ok=True)
-    shutil.rmtree(workdir / f"{side}-run", ignore_errors=True)
-    cmd = [
-        sys.executable, str(Path(__file__).resolve()), "--side", side, "--workdir", str(workdir),
-        "--model-path", args.model_path, "--max-length", str(args.max_length), "--steps", str(args.steps),
-    ]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    if args.gradient_checkpointing:
-        cmd.append("--gradient-checkpointing")
-    if args.packing:
-        cmd.append("--packing")
-    # The repository root first on the path: the children measure this checkout's tunesmith, whatever is installed.
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1"}
-    if args.threads:
-        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    print(f"--- {side}: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, env=env, check=False)
-    if proc.returncode != 0 or not out.exists():
-        raise SystemExit(f"{side} side failed (exit status {proc.returncode}); its output is above")
-    result = json.loads(out.read_text())
-    result["process_s"] = time.perf_counter() - started
-    return result
+    child = ["--model-path", args.model_path, "--max-length", str(args.max_length), "--steps", str(args.steps)]
+    child += ["--gradient-checkpointing"] * args.gradient_checkpointing + ["--packing"] * args.packing
+    return run_child(Path(__file__).resolve(), side, workdir, child, args.threads)
 
 
-def ratios(ts: dict, trl_result: dict) -> dict:
-    """tunesmith / TRL for throughput, time per step and peak memory."""
+RATIO_KEYS = ("steps_per_s", "pairs_per_s", "tokens_per_s", "s_per_step", "peak_rss_mib", "peak_cuda_mib", "cpu_s")
 
-    def ratio(key: str) -> float | None:
-        a, b = ts.get(key), trl_result.get(key)
-        return a / b if a is not None and b else None
-
-    keys = ("steps_per_s", "pairs_per_s", "tokens_per_s", "s_per_step", "peak_rss_mib", "peak_cuda_mib", "cpu_s")
-    return {"ratio": "tunesmith/trl", **{k: ratio(k) for k in keys if k in ts and k in trl_result}}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -473,7 +442,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", default=None, help="folder for data and run outputs (default: a new temp folder)")
     p.add_argument("--no-check", action="store_true", help="skip comparing the two sides' tokenisation")
     p.add_argument("--side", choices=SIDES, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--model-path", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model-path", default=None, help="HF folder to train (default: tunesmith's default model)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.pairs < 1:
         p.error("--steps and --pairs must be at least 1")
@@ -484,25 +453,15 @@ def main(argv: list[str] | None = None) -> None:
     """Parent: build data, run each side in a child, print JSON lines. Child (--side): train and write its result."""
     args = parse_args(argv)
     if args.side:
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        workdir = Path(args.workdir)
-        result = (run_tunesmith if args.side == "tunesmith" else run_trl)(args, workdir)
-        (workdir / f"{args.side}.json").write_text(json.dumps(result))
+        set_threads(args.threads)
+        result = (run_tunesmith if args.side == "tunesmith" else run_trl)(args, Path(args.workdir))
+        write_result(Path(args.workdir), args.side, result)
         return
 
-    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
-    unknown = sorted(set(sides) - set(SIDES))
-    if unknown:
-        raise SystemExit(f"--sides: unknown {', '.join(unknown)}; choose from {', '.join(SIDES)}")
+    sides = chosen_sides(args.sides)
 
-    from tunesmith.config import LoadConfig
-    from tunesmith.model import resolve_model
-
-    # Both sides load the same HF folder: the default model as tunesmith imports it from its .gguf.
-    args.model_path = resolve_model("default", LoadConfig()).path
+    # Both sides load the same HF folder: by default, the default model as tunesmith imports it from its .gguf.
+    args.model_path = args.model_path or default_model_path()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tunesmith-bench-dpo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     with open(workdir / "train.jsonl", "w", encoding="utf-8") as f:
@@ -515,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
             "grad_accum": GRAD_ACCUM, "lr": LR, "loss": DPO_LOSS, "beta": BETA,
             "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": LORA_TARGETS},
             "gradient_checkpointing": args.gradient_checkpointing, "tunesmith_packing": args.packing,
-            "threads": args.threads, "dtype": "float32", "seed": SEED,
+            "threads": args.threads, "dtype": train_dtype(), "seed": SEED,
             "model_path": args.model_path, "workdir": str(workdir),
         }
     }
@@ -525,7 +484,8 @@ def main(argv: list[str] | None = None) -> None:
         results[side] = run_side(side, args, workdir)
         print(json.dumps(results[side]), flush=True)
     if "tunesmith" in results and "trl" in results:
-        print(json.dumps(ratios(results["tunesmith"], results["trl"])), flush=True)
+        print(json.dumps({"ratio": "tunesmith/trl", **ratios(results["tunesmith"], results["trl"], RATIO_KEYS)}),
+              flush=True)
     if "trl" in results and not args.no_check:
         print(json.dumps(check_tokens(workdir, args.model_path, args.max_length)), flush=True)
 

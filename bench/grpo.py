@@ -57,22 +57,27 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
-import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-# bench/ is on sys.path when this file runs as a script: reuse sft_lora's measurements.
-from sft_lora import peak_rss_mib, read_jsonl, rss_mib
-
-ROOT = Path(__file__).resolve().parent.parent
-SIDES = ("tunesmith", "trl")
+# bench/ is on sys.path when this file runs as a script.
+from common import (
+    SIDES,
+    chosen_sides,
+    default_model_path,
+    machine_facts,
+    ratios,
+    rss_mib,
+    run_child,
+    set_threads,
+    train_dtype,
+    write_result,
+)
+from sft import read_jsonl
 
 # The settings both sides share; each side's code below maps them to its own config keys.
 LORA_R, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS = 16, 32, 0.0, "all-linear"
@@ -149,7 +154,6 @@ def side_result(
     Every list holds one value per step: its wall-clock end, its rollout seconds, its reward + no-grad
     log-prob seconds, its mean completion length, mean reward and mean KL.
     """
-    import torch
 
     step_s = [b - a for a, b in zip(stamps, stamps[1:])]  # steps 2..n
     timed = len(step_s)
@@ -175,25 +179,21 @@ def side_result(
         "timed_mean_completion_length": _mean(lengths[1:]),
         # generated tokens (EOS included) per second of rollout, timed steps only
         "rollout_tokens_per_s": sum(generated) / sum(rollout) if rollout and sum(rollout) > 0 else None,
-        "peak_rss_mib": peak_rss_mib(),
         "first_reward": rewards[0] if rewards else None,
         "final_reward": rewards[-1] if rewards else None,
         "final_kl": kls[-1] if kls else None,
         # CPU seconds of the whole process over the whole loop (first step included): less sensitive than
         # wall time to other load on the machine.
         "cpu_s": cpu_s,
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
         "per_step": {
             "step_s": [round(stamps[0] - train_start, 3)] + [round(s, 3) for s in step_s] if stamps else [],
             "rollout_s": [round(s, 3) for s in rollout_s],
             "completion_length": [round(n, 2) for n in lengths],
             "reward": [round(r, 4) for r in rewards],
         },
+        **machine_facts(),  # peak RSS (and CUDA memory), threads, load
         **extra,
     }
-    if torch.cuda.is_available():
-        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result
 
 
@@ -245,7 +245,7 @@ def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
             "log_every": 1,
             "gradient_checkpointing": False,
         },
-        "load": {"dtype": "float32"},
+        "load": {"dtype": train_dtype()},
         "eval": {"before": False},
         "output": {"merge": False, "save_adapter": False},
     }
@@ -364,10 +364,10 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
         max_grad_norm=MAX_GRAD_NORM,
         max_steps=args.steps,
         seed=SEED,
-        bf16=False,  # TRL defaults to bf16 mixed precision; both sides train in float32 here
+        bf16=train_dtype() == "bfloat16",  # TRL defaults to bf16 mixed precision; both sides: float32 on CPU, bf16 on CUDA
         fp16=False,
         activation_checkpointing=False,  # TRL defaults to on (transformers 5's name for gradient_checkpointing)
-        model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"},
+        model_init_kwargs={"dtype": train_dtype(), "attn_implementation": "sdpa"},
         use_cpu=not torch.cuda.is_available(),
         use_vllm=False,
         logging_steps=1,
@@ -426,44 +426,15 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
 
 def run_side(side: str, args: argparse.Namespace, workdir: Path) -> dict:
     """Run one side in a child process (so its peak RSS is its own) and read back its result."""
-    out = workdir / f"{side}.json"
-    # A reused --workdir: drop this side's earlier result and run folder (tunesmith refuses a finished run's folder).
-    out.unlink(missing_ok=True)
-    shutil.rmtree(workdir / f"{side}-run", ignore_errors=True)
-    cmd = [
-        sys.executable, str(Path(__file__).resolve()), "--side", side, "--workdir", str(workdir),
-        "--model-path", args.model_path, "--steps", str(args.steps), "--group-size", str(args.group_size),
-        "--max-new-tokens", str(args.max_new_tokens),
-    ]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    # The repository root first on the path: the children measure this checkout's tunesmith, whatever is installed.
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1"}
-    if args.threads:
-        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    print(f"--- {side}: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, env=env, check=False)
-    if proc.returncode != 0 or not out.exists():
-        raise SystemExit(f"{side} side failed (exit status {proc.returncode}); its output is above")
-    result = json.loads(out.read_text())
-    result["process_s"] = time.perf_counter() - started
-    return result
+    child = ["--model-path", args.model_path, "--steps", str(args.steps), "--group-size", str(args.group_size),
+             "--max-new-tokens", str(args.max_new_tokens)]
+    return run_child(Path(__file__).resolve(), side, workdir, child, args.threads)
 
 
-def ratios(ts: dict, trl_result: dict) -> dict:
-    """tunesmith / TRL for time per step (whole, rollout, training), peak memory and work done."""
-
-    def ratio(key: str) -> float | None:
-        a, b = ts.get(key), trl_result.get(key)
-        return a / b if a is not None and b else None
-
-    keys = ("s_per_step", "rollout_s_per_step", "training_s_per_step", "score_measure_s_per_step",
+RATIO_KEYS = ("s_per_step", "rollout_s_per_step", "training_s_per_step", "score_measure_s_per_step",
             "update_s_per_step", "rollout_tokens_per_s", "peak_rss_mib", "peak_cuda_mib", "cpu_s",
             "timed_mean_completion_length", "mean_completion_length")
-    return {"ratio": "tunesmith/trl", **{k: ratio(k) for k in keys if k in ts and k in trl_result}}
+
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -480,7 +451,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sides", default=",".join(SIDES), help="comma-separated sides to run, in order")
     p.add_argument("--workdir", default=None, help="folder for data and run outputs (default: a new temp folder)")
     p.add_argument("--side", choices=SIDES, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--model-path", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model-path", default=None, help="HF folder to train (default: tunesmith's default model)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.prompts < 1 or args.max_new_tokens < 1:
         p.error("--steps, --prompts and --max-new-tokens must be at least 1")
@@ -493,25 +464,15 @@ def main(argv: list[str] | None = None) -> None:
     """Parent: build prompts, run each side in a child, print JSON lines. Child (--side): train and write its result."""
     args = parse_args(argv)
     if args.side:
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        workdir = Path(args.workdir)
-        result = (run_tunesmith if args.side == "tunesmith" else run_trl)(args, workdir)
-        (workdir / f"{args.side}.json").write_text(json.dumps(result))
+        set_threads(args.threads)
+        result = (run_tunesmith if args.side == "tunesmith" else run_trl)(args, Path(args.workdir))
+        write_result(Path(args.workdir), args.side, result)
         return
 
-    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
-    unknown = sorted(set(sides) - set(SIDES))
-    if unknown:
-        raise SystemExit(f"--sides: unknown {', '.join(unknown)}; choose from {', '.join(SIDES)}")
+    sides = chosen_sides(args.sides)
 
-    from tunesmith.config import LoadConfig
-    from tunesmith.model import resolve_model
-
-    # Both sides load the same HF folder: the default model as tunesmith imports it from its .gguf.
-    args.model_path = resolve_model("default", LoadConfig()).path
+    # Both sides load the same HF folder: by default, the default model as tunesmith imports it from its .gguf.
+    args.model_path = args.model_path or default_model_path()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tunesmith-bench-grpo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     with open(workdir / "train.jsonl", "w", encoding="utf-8") as f:
@@ -527,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
             "temperature": TEMPERATURE, "top_p": TOP_P, "kl_beta": KL_BETA, "clip_eps": CLIP_EPS, "lr": LR,
             "loss_normalization": "token (TRL dapo)", "scale_rewards": True, "reward": "share_of_e",
             "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": LORA_TARGETS},
-            "threads": args.threads, "dtype": "float32", "seed": SEED,
+            "threads": args.threads, "dtype": train_dtype(), "seed": SEED,
             "model_path": args.model_path, "workdir": str(workdir),
         }
     }
@@ -537,7 +498,8 @@ def main(argv: list[str] | None = None) -> None:
         results[side] = run_side(side, args, workdir)
         print(json.dumps(results[side]), flush=True)
     if "tunesmith" in results and "trl" in results:
-        print(json.dumps(ratios(results["tunesmith"], results["trl"])), flush=True)
+        print(json.dumps({"ratio": "tunesmith/trl", **ratios(results["tunesmith"], results["trl"], RATIO_KEYS)}),
+              flush=True)
 
 
 if __name__ == "__main__":

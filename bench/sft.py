@@ -61,9 +61,11 @@ JOBS: dict[str, dict[str, Any]] = {
     "full": {"method": "sft", "lora": False, "lr": 2e-5, "flops_per_param": 6},
     "pretrain": {"method": "pretrain", "lora": False, "lr": 2e-5, "flops_per_param": 6},
 }
-RATIO_KEYS = ("tokens_per_s", "tokens_per_cpu_s", "median_step_tokens_per_s", "s_per_step", "peak_rss_mib",
+RATIO_KEYS = ("final_train_loss", "tokens_per_s", "tokens_per_cpu_s", "median_step_tokens_per_s", "s_per_step", "peak_rss_mib",
               "peak_cuda_mib", "mfu")
-GOALS = {"lora": (2.5, 0.5), "full": (2.0, 0.6), "pretrain": (1.5, 0.6)}  # (tokens/s at least, peak memory at most)
+# (tokens/s ratio at least, peak memory ratio at most): CPU (peak RSS) per job; CUDA (peak GPU memory) for all jobs
+GOALS = {"lora": (2.5, 0.5), "full": (2.0, 0.6), "pretrain": (1.5, 0.6)}
+GPU_GOAL = (2.0, 0.4)
 
 
 # ---------------------------------------------------------------- data
@@ -135,6 +137,31 @@ def side_result(side: str, *, tokens: int, train_s: float, cpu_s: float, steps: 
     }
 
 
+def final_train_loss(model: Any, args: argparse.Namespace, workdir: Path) -> float:
+    """The trained model's mean token loss over the whole training data, each document alone, masked as tunesmith
+    trains (answer tokens for SFT, every token for pretraining): one yardstick for both sides' final models."""
+    import torch
+
+    from tunesmith.config import LoadConfig
+    from tunesmith.core.lm_loss import CausalLMLoss
+    from tunesmith.data import build_dataset, collate
+    from tunesmith.model import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(args.model_path, LoadConfig()), LoadConfig())
+    rows = build_dataset(str(workdir / "train.jsonl"), tokenizer, method=JOBS[args.job]["method"],
+                         max_length=args.max_length, packing=False).rows
+    loss = CausalLMLoss(model)
+    device = next(model.parameters()).device
+    total = count = 0.0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(rows), 8):
+            batch = collate(rows[start : start + 8], tokenizer.pad_token_id)
+            loss_sum, n, _ = loss(**{k: v.to(device) for k, v in batch.items()})
+            total, count = total + float(loss_sum), count + float(n)
+    return total / max(count, 1.0)
+
+
 # ---------------------------------------------------------------- the two sides
 
 
@@ -163,7 +190,7 @@ def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
         "load": {"dtype": "float32" if args.device == "cpu" else "bfloat16"},
         "output": {"merge": False, "save_adapter": False},
     }
-    cpu = {"s": 0.0, "rss_at_start": 0.0, "peak": 0.0}
+    cpu = {"s": 0.0, "rss_at_start": 0.0, "peak": 0.0, "final_train_loss": 0.0}
     train_loop = run_module.train_loop
 
     def timed_loop(**kwargs: Any) -> Any:
@@ -171,10 +198,13 @@ def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
         cpu["rss_at_start"] = rss_mib()
         start = time.process_time()
         try:
-            return train_loop(**kwargs)
+            out = train_loop(**kwargs)
         finally:
             cpu["s"] = time.process_time() - start
             cpu["peak"] = peak_rss_mib()
+        cpu["final_train_loss"] = final_train_loss(kwargs["model"], args, workdir)  # not timed
+        kwargs["model"].train()
+        return out
 
     run_module.train_loop = timed_loop
     result = tunesmith.train(cfg)
@@ -188,6 +218,7 @@ def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
         losses=[h["loss"] for h in loop.history if "loss" in h],
         step_tokens_per_s=[h["tokens_per_s"] for h in loop.history if "tokens_per_s" in h],
         peak_rss=cpu["peak"],
+        final_train_loss=cpu["final_train_loss"],
         rss_at_train_start_mib=cpu["rss_at_start"],
         packing=train["packing"],
         data_rows=stats.num_rows,
@@ -294,6 +325,7 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
         losses=[e["loss"] for e in trainer.state.log_history if "loss" in e],
         step_tokens_per_s=timer.step_tokens_per_s,
         peak_rss=timer.peak,
+        final_train_loss=final_train_loss(trainer.model, args, workdir),  # not timed
         rss_at_train_start_mib=timer.rss_at_start,
         packing=config.packing,
         data_rows=len(prepared),
@@ -424,10 +456,11 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(results[side]), flush=True)
         if "tunesmith" in results and "trl" in results:
             line = {"job": job, "ratio": "tunesmith/trl", **ratios(results["tunesmith"], results["trl"], RATIO_KEYS)}
-            speed_goal, memory_goal = GOALS[job]
+            speed_goal, memory_goal = GPU_GOAL if args.device == "cuda" else GOALS[job]
             memory = line.get("peak_cuda_mib") or line.get("peak_rss_mib")
             line[f"goal_tokens_per_s_ge_{speed_goal}"] = (line.get("tokens_per_s") or 0) >= speed_goal
             line[f"goal_peak_memory_le_{memory_goal}"] = memory is not None and memory <= memory_goal
+            line["goal_final_train_loss_within_2pct"] = (line.get("final_train_loss") or 9.0) <= 1.02
             if job == "lora":
                 line["goal_mfu_ge_0.5"] = (results["tunesmith"].get("mfu") or 0) >= 0.5
             print(json.dumps(line), flush=True)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunesmith.ops.losses import chunked_cross_entropy_sum, shift_targets
+from tunesmith.ops.losses import chunked_cross_entropy_sum, chunked_token_logps, shift_targets
 
 
 def _full_and_chunked(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float, wrt: list):
@@ -80,3 +80,33 @@ def test_empty_selection_gives_zero_with_graph() -> None:
     hidden = torch.randn(0, 4, requires_grad=True)
     out = chunked_cross_entropy_sum(hidden, torch.zeros(0, dtype=torch.long), head)
     assert out.item() == 0.0 and out.requires_grad
+
+
+def test_token_logps_with_a_frozen_head_match_log_softmax_in_value_and_gradient() -> None:
+    # the fused per-token path (LoRA DPO and RL): any upstream gradient per token, head frozen
+    torch.manual_seed(4)
+    head = nn.Linear(16, 50, bias=False).requires_grad_(False)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    upstream = torch.randn(23)
+    full = torch.log_softmax(head(hidden), -1).gather(1, targets[:, None]).squeeze(1)
+    fused = chunked_token_logps(hidden, targets, head, chunk_size=8)
+    assert "LinearTokenLogps" in type(fused.grad_fn).__name__
+    torch.testing.assert_close(fused, full, atol=1e-5, rtol=1e-6)
+    (g_full,) = torch.autograd.grad((full * upstream).sum(), [hidden])
+    (g_fused,) = torch.autograd.grad((fused * upstream).sum(), [hidden])
+    torch.testing.assert_close(g_fused, g_full, atol=1e-6, rtol=1e-5)
+
+
+def test_token_logps_with_a_trained_head_take_the_checkpointed_path() -> None:
+    torch.manual_seed(5)
+    head = nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(11, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (11,))
+    out = chunked_token_logps(hidden, targets, head, chunk_size=4)
+    assert "LinearTokenLogps" not in type(out.grad_fn).__name__
+    full = torch.log_softmax(head(hidden), -1).gather(1, targets[:, None]).squeeze(1)
+    g = torch.autograd.grad(out.sum(), [hidden, head.weight])
+    g_full = torch.autograd.grad(full.sum(), [hidden, head.weight])
+    for a, b in zip(g, g_full):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -124,6 +124,9 @@ def chunked_token_logps(
     """log p(target) of every row of `hidden`, chunk by chunk, never holding the full logits: (tokens,)."""
     if hidden.shape[0] == 0:
         return hidden.sum(-1) * 0.0
+    weight = linear_weight(head)
+    if weight is not None and not weight.requires_grad and torch.is_grad_enabled() and hidden.requires_grad:
+        return LinearTokenLogps.apply(hidden, weight, targets, chunk_size)  # e.g. LoRA: the head is frozen
     parts = []
     for start in range(0, hidden.shape[0], chunk_size):
         h = hidden[start : start + chunk_size]
@@ -133,6 +136,40 @@ def chunked_token_logps(
         else:
             parts.append(_chunk_token_logps(h, t, head))
     return torch.cat(parts)
+
+
+class LinearTokenLogps(torch.autograd.Function):
+    """log p(target) of each row under a frozen linear head, with each row's gradient computed in forward.
+
+    log p_i depends on hidden row i alone, so d(log p_i)/d(hidden_i) = weight.T @ (one_hot_i - softmax_i) is
+    one `hidden`-wide row per token, stored while the chunk's logits are in memory; backward multiplies it by
+    each token's upstream gradient. The head runs once per token instead of twice. The weight must be frozen
+    (its gradient would need every token's upstream gradient, unknown in forward): others take the
+    checkpointed path.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        """(tokens,) float32 log-probabilities; stores their per-row gradients for backward."""
+        logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (tokens,)
+        rows = torch.empty_like(hidden)  # (tokens, hidden): d log p_i / d hidden_i
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size]  # (chunk, hidden)
+            t = targets[start : start + chunk_size]  # (chunk,)
+            logits = (h @ weight.t()).float()  # (chunk, vocab)
+            lse = torch.logsumexp(logits, dim=-1)  # (chunk,)
+            logps[start : start + t.numel()] = logits.gather(1, t[:, None]).squeeze(1) - lse
+            grad_logits = logits.sub_(lse[:, None]).exp_().neg_()  # -softmax, in place of the logits
+            grad_logits[torch.arange(t.numel(), device=t.device), t] += 1.0
+            torch.mm(grad_logits.to(hidden.dtype), weight, out=rows[start : start + chunk_size])
+        ctx.save_for_backward(rows)
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Each token's stored row times its upstream gradient."""
+        (rows,) = ctx.saved_tensors
+        return (rows * grad_output[:, None].to(rows.dtype), None, None, None)
 
 
 @torch.no_grad()
