@@ -16,6 +16,12 @@ is per side. It prints one JSON line per side, then one line of ratios (tunesmit
 jobs one line that checks both sides tokenised the data to the same ids. Only training is timed; model loading and
 saving are not, and peak RSS is read when training ends. Tokens are counted the same way on both sides: non-padding
 tokens of the training batches seen. Each job trains for one epoch over its data on both sides.
+
+Batches: 8 documents per optimizer step on both sides. TRL pads SFT rows, one document each, so its step is 8 rows;
+tunesmith packs documents into rows of max_length, so for SFT its rows per step are scaled to carry 8 documents on
+average (`tunesmith_batch_size`): both sides then make about as many updates of about as many tokens, and their
+losses compare. Pretraining packs on both sides: 8 rows per step each. After training (not timed) each side's
+final model is scored on the whole training data with the same code (`final_train_loss`).
 """
 
 from __future__ import annotations
@@ -165,6 +171,25 @@ def final_train_loss(model: Any, args: argparse.Namespace, workdir: Path) -> flo
 # ---------------------------------------------------------------- the two sides
 
 
+def tunesmith_batch_size(args: argparse.Namespace, workdir: Path) -> int:
+    """Packed rows per step that carry as many documents (and tokens) per update as TRL's BATCH_SIZE padded rows.
+
+    TRL pads SFT rows (one document each); tunesmith packs several documents into each row. With the same number
+    of rows per step, tunesmith would make fewer, larger updates over the epoch and its loss would not be
+    comparable. Pretraining packs on both sides, so rows per step stay equal there; so does --no-packing.
+    """
+    if JOBS[args.job]["method"] == "pretrain" or args.no_packing or args.same_rows_per_step:
+        return BATCH_SIZE
+    from tunesmith.config import LoadConfig
+    from tunesmith.data import build_dataset
+    from tunesmith.model import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(args.model_path, LoadConfig()), LoadConfig())
+    stats = build_dataset(str(workdir / "train.jsonl"), tokenizer, method="sft", max_length=args.max_length,
+                          packing=True).stats
+    return max(1, round(BATCH_SIZE * stats.num_rows / max(stats.num_documents, 1)))
+
+
 def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
     """The job with tunesmith (its defaults: packed rows, passes of train.forward_tokens), timed by its own loop."""
     import tunesmith
@@ -172,7 +197,7 @@ def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
 
     job = JOBS[args.job]
     train: dict[str, Any] = {
-        "batch_size": BATCH_SIZE, "grad_accum": GRAD_ACCUM, "lr": job["lr"], "weight_decay": 0.0,
+        "batch_size": tunesmith_batch_size(args, workdir), "grad_accum": GRAD_ACCUM, "lr": job["lr"], "weight_decay": 0.0,
         "warmup_ratio": 0.0, "min_lr_ratio": 1.0,  # with no warm-up: a constant learning rate, as on the TRL side
         "max_grad_norm": MAX_GRAD_NORM, "max_length": args.max_length, "packing": not args.no_packing,
         "seed": SEED, "save_every": 0, "eval_every": 0, "log_every": 1,
@@ -221,6 +246,7 @@ def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
         final_train_loss=cpu["final_train_loss"],
         rss_at_train_start_mib=cpu["rss_at_start"],
         packing=train["packing"],
+        rows_per_step=train["batch_size"],
         data_rows=stats.num_rows,
         data_tokens=stats.num_tokens,
         data_trained_tokens=stats.num_trained_tokens,
@@ -328,6 +354,7 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
         final_train_loss=final_train_loss(trainer.model, args, workdir),  # not timed
         rss_at_train_start_mib=timer.rss_at_start,
         packing=config.packing,
+        rows_per_step=BATCH_SIZE,
         data_rows=len(prepared),
         data_tokens=sum(len(ids) for ids in prepared["input_ids"]),
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
@@ -392,6 +419,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sides", default=",".join(SIDES), help="comma-separated sides to run, in order")
     p.add_argument("--gradient-checkpointing", action="store_true", help="turn it on for both sides (off by default)")
     p.add_argument("--no-packing", action="store_true", help="tunesmith without packing (padded rows like TRL)")
+    p.add_argument("--same-rows-per-step", action="store_true",
+                   help="tunesmith takes 8 packed rows per step, not as many documents per step as TRL's 8 padded rows")
     p.add_argument("--forward-tokens", type=int, default=None,
                    help="tunesmith's train.forward_tokens (default: its own default for the device)")
     p.add_argument("--model-path", default=None, help="HF folder to train (default: tunesmith's default model)")
@@ -447,6 +476,7 @@ def main(argv: list[str] | None = None) -> None:
         child_args = ["--job", job, "--model-path", args.model_path, "--max-length", str(args.max_length)]
         if args.forward_tokens:
             child_args += ["--forward-tokens", str(args.forward_tokens)]
+        child_args += ["--same-rows-per-step"] * args.same_rows_per_step
         child_args += ["--gradient-checkpointing"] * args.gradient_checkpointing + ["--no-packing"] * args.no_packing
         results = {}
         for side in sides:

@@ -10,6 +10,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
+from tunesmith.model.attention import document_attention
 from tunesmith.ops.losses import IGNORE_INDEX, chunked_cross_entropy_sum, chunked_token_logps, shift_targets
 
 
@@ -119,7 +120,8 @@ def labelled_states(
     decoder: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hidden states at the positions that predict a labelled token, those tokens, and the flat positions."""
-    out = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False)
+    with document_attention(position_ids):  # packed rows: causal attention per document, no masked blocks
+        out = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False)
     hidden = out.last_hidden_state  # (batch, seq, hidden)
     positions, targets = shift_targets(labels)
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions), targets, positions  # (counted, hidden)
