@@ -209,34 +209,35 @@ def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
         "output": {"merge": False, "save_adapter": False},
     }
 
+    import tunesmith.core.loop as loop_module
+
     loop = run_module.train_loop
     seen = {"start": 0.0, "cpu_s": 0.0, "rss_at_start": 0.0}
-    pairs_per_batch: list[int] = []
+    pairs_per_step: list[int] = []
+    update = loop_module.Updater.__call__
+
+    def counting_update(self: Any, micro: list) -> Any:
+        """One optimizer update; records the pairs in all its forward passes (train.forward_tokens may split a step)."""
+        pairs_per_step.append(sum(int(mb["margins"].numel()) for mb in micro))
+        return update(self, micro)
 
     def timed_loop(**kwargs: Any) -> Any:
-        """tunesmith's own loop, with its CPU time and the pairs of every collated micro-batch recorded."""
-        collate = kwargs["collate_fn"]
-
-        def counting_collate(rows: list, pad_id: int) -> Any:
-            """The method's collate; the loop collates a step's micro-batches at the start of that step."""
-            batch = collate(rows, pad_id)
-            pairs_per_batch.append(int(batch["margins"].numel()))
-            return batch
-
+        """tunesmith's own loop, with its CPU time and the pairs of every update recorded."""
         seen["rss_at_start"] = rss_mib()
         seen["start"] = time.time()
         cpu = time.process_time()
         try:
-            return loop(**{**kwargs, "collate_fn": counting_collate})
+            return loop(**kwargs)
         finally:
             seen["cpu_s"] = time.process_time() - cpu
 
+    loop_module.Updater.__call__ = counting_update
     run_module.train_loop = timed_loop
     result = tunesmith.train(cfg)
     records = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "tokens_seen" in r]
     pairs, total = [], 0
-    for i in range(len(records)):
-        total += sum(pairs_per_batch[i * GRAD_ACCUM : (i + 1) * GRAD_ACCUM])
+    for step_pairs in pairs_per_step[: len(records)]:
+        total += step_pairs
         pairs.append(total)
     stats = result.train_stats
     return side_result(
