@@ -33,6 +33,7 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,17 +86,22 @@ def _slice(text: str, length: int, rng: random.Random) -> str:
     return text[start : start + length].rstrip()
 
 
-def make_rows(num_rows: int, seed: int, min_chars: int = 80, max_chars: int = 1200) -> list[dict[str, str]]:
-    """Prompt/completion rows whose answers are seeded slices (min_chars..max_chars) of pydoc topic texts."""
+def _topic_slices(count: int, rng: random.Random, min_chars: int, max_chars: int) -> Iterator[tuple[str, str]]:
+    """(topic name, slice of its text) pairs: a seeded length, a topic long enough for it, a slice starting at a word."""
     from pydoc_data.topics import topics
 
-    rng = random.Random(seed)
     names = sorted(topics)
-    rows = []
-    for _ in range(num_rows):
+    for _ in range(count):
         length = rng.randint(min_chars, max_chars)
         name = rng.choice([n for n in names if len(topics[n]) >= length])
-        answer = _slice(topics[name], length, rng)
+        yield name, _slice(topics[name], length, rng)
+
+
+def make_rows(num_rows: int, seed: int, min_chars: int = 80, max_chars: int = 1200) -> list[dict[str, str]]:
+    """Prompt/completion rows whose answers are seeded slices (min_chars..max_chars) of pydoc topic texts."""
+    rng = random.Random(seed)
+    rows = []
+    for name, answer in _topic_slices(num_rows, rng, min_chars, max_chars):
         opening = " ".join(answer.split()[:6])
         rows.append({"prompt": rng.choice(PROMPTS).format(topic=name, opening=opening), "completion": answer})
     return rows
@@ -103,16 +109,8 @@ def make_rows(num_rows: int, seed: int, min_chars: int = 80, max_chars: int = 12
 
 def make_texts(num_docs: int, seed: int, min_chars: int = 300, max_chars: int = 2500) -> list[dict[str, str]]:
     """Plain-text documents for continued pretraining: seeded slices of pydoc topic texts, some longer than a block."""
-    from pydoc_data.topics import topics
-
     rng = random.Random(seed)
-    names = sorted(topics)
-    docs = []
-    for _ in range(num_docs):
-        length = rng.randint(min_chars, max_chars)
-        name = rng.choice([n for n in names if len(topics[n]) >= length])
-        docs.append({"text": _slice(topics[name], length, rng)})
-    return docs
+    return [{"text": text} for _, text in _topic_slices(num_docs, rng, min_chars, max_chars)]
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
