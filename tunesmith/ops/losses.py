@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -24,9 +23,22 @@ def shift_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return positions, flat[positions]
 
 
+def _head_logits(hidden: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """float32 logits of a chunk (float32 for a stable log-softmax under bf16), computed for a plain linear head
+    exactly as the fused functions compute them, so every path gives bit-identical log-probs."""
+    weight = linear_weight(head)
+    return (hidden @ weight.t()).float() if weight is not None else head(hidden).float()  # (chunk, vocab)
+
+
+def _target_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log-sum-exp of each row of `logits` and log p(target) = logit[target] - lse: (chunk,) each. The one formula
+    of every path here, fused or not, with or without gradients."""
+    lse = torch.logsumexp(logits, dim=-1)
+    return lse, logits.gather(1, targets[:, None]).squeeze(1) - lse
+
+
 def _chunk_ce_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
-    logits = head(hidden).float()  # (chunk, vocab); float32 for a stable log-softmax under bf16
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return -_target_logps(_head_logits(hidden, head), targets)[1].sum()
 
 
 def linear_weight(head: nn.Module) -> torch.Tensor | None:
@@ -86,9 +98,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]  # (chunk, hidden)
             t = targets[start : start + chunk_size]  # (chunk,)
-            logits = (h @ weight.t()).float()  # (chunk, vocab)
-            lse = torch.logsumexp(logits, dim=-1)  # (chunk,)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            logits = (h @ weight.t()).float()  # (chunk, vocab), as _head_logits
+            lse, logp = _target_logps(logits, t)  # (chunk,) each
+            total -= logp.sum()
             if need_hidden or need_weight:
                 grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 grad_logits[torch.arange(t.numel(), device=t.device), t] -= 1.0
@@ -114,8 +126,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 def _chunk_token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
-    logits = head(hidden).float()  # (chunk, vocab)
-    return -F.cross_entropy(logits, targets, reduction="none")  # (chunk,)
+    return _target_logps(_head_logits(hidden, head), targets)[1]  # (chunk,)
 
 
 def chunked_token_logps(
@@ -156,9 +167,8 @@ class LinearTokenLogps(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]  # (chunk, hidden)
             t = targets[start : start + chunk_size]  # (chunk,)
-            logits = (h @ weight.t()).float()  # (chunk, vocab)
-            lse = torch.logsumexp(logits, dim=-1)  # (chunk,)
-            logps[start : start + t.numel()] = logits.gather(1, t[:, None]).squeeze(1) - lse
+            logits = (h @ weight.t()).float()  # (chunk, vocab), as _head_logits
+            lse, logps[start : start + t.numel()] = _target_logps(logits, t)
             grad_logits = logits.sub_(lse[:, None]).exp_().neg_()  # -softmax, in place of the logits
             grad_logits[torch.arange(t.numel(), device=t.device), t] += 1.0
             torch.mm(grad_logits.to(hidden.dtype), weight, out=rows[start : start + chunk_size])
@@ -179,9 +189,10 @@ def chunked_token_logps_entropy(
     """Without gradients: log p(target) and the entropy of the next-token distribution at every row: (tokens,) each."""
     logps, entropies = [], []
     for start in range(0, hidden.shape[0], chunk_size):
-        logits = head(hidden[start : start + chunk_size]).float()  # (chunk, vocab)
-        log_probs = torch.log_softmax(logits, dim=-1)
-        logps.append(log_probs.gather(-1, targets[start : start + chunk_size, None]).squeeze(-1))
+        logits = _head_logits(hidden[start : start + chunk_size], head)  # (chunk, vocab)
+        lse, logp = _target_logps(logits, targets[start : start + chunk_size])
+        logps.append(logp)  # bit-identical to the training paths' log-probs
+        log_probs = logits.sub_(lse[:, None])  # log-softmax, in place
         entropies.append(-(log_probs.exp() * log_probs).sum(-1))
     if not logps:
         empty = hidden.new_zeros(0, dtype=torch.float32)
