@@ -116,13 +116,19 @@ def answer_logps(
     return sums, counts
 
 
+def packed_hidden(decoder: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states (batch, seq, hidden) over packed rows: documents never attend to each
+    other (positions restart), and attention runs per document, with no masked blocks."""
+    with document_attention(position_ids):
+        out = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False)
+    return out.last_hidden_state
+
+
 def labelled_states(
     decoder: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hidden states at the positions that predict a labelled token, those tokens, and the flat positions."""
-    with document_attention(position_ids):  # packed rows: causal attention per document, no masked blocks
-        out = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False)
-    hidden = out.last_hidden_state  # (batch, seq, hidden)
+    hidden = packed_hidden(decoder, input_ids, position_ids)  # (batch, seq, hidden)
     positions, targets = shift_targets(labels)
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions), targets, positions  # (counted, hidden)
 

@@ -124,8 +124,13 @@ def document_index(rows: list[Row], width: int) -> torch.Tensor:
     index = torch.full((len(rows), width), -1, dtype=torch.long)
     num = 0
     for b, row in enumerate(rows):
-        starts = [i for i, p in enumerate(row.position_ids) if p == 0] + [len(row.position_ids)]
-        for start, end in zip(starts, starts[1:]):
+        for start, end in document_bounds(row.position_ids):
             index[b, start:end] = num
             num += 1
     return index
+
+
+def document_bounds(position_ids: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of every document of a row: a document starts wherever its position is 0."""
+    starts = [i for i, p in enumerate(position_ids) if p == 0]
+    return list(zip(starts, starts[1:] + [len(position_ids)]))

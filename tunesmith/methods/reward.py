@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tunesmith.config import Config, RewardConfig
-from tunesmith.core.lm_loss import decoder_and_head, last_positions, unwrap
+from tunesmith.core.lm_loss import decoder_and_head, last_positions, packed_hidden, unwrap
 from tunesmith.data import TokenizedData
 from tunesmith.data.preference import collate_pairs, count_pairs
 from tunesmith.errors import TunesmithError
@@ -84,8 +84,7 @@ class RewardLoss(nn.Module):
 
     def rewards(self, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_index: torch.Tensor) -> torch.Tensor:
         """The reward of every sequence in a pair batch: (seqs,)."""
-        out = self._decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False)
-        hidden = out.last_hidden_state  # (batch, seq, hidden)
+        hidden = packed_hidden(self._decoder, input_ids, position_ids)  # (batch, seq, hidden)
         last = hidden.reshape(-1, hidden.shape[-1]).index_select(0, last_positions(seq_index))  # (seqs, hidden)
         return self.model.score(last.float()).squeeze(-1)  # (seqs,)
 

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from tunesmith.data.packing import document_bounds
+
 # Per row of the current batch: the (start, end) of each document. None outside document_attention.
 _SPANS: contextvars.ContextVar[list[list[tuple[int, int]]] | None] = contextvars.ContextVar("tunesmith_spans", default=None)
 
@@ -30,10 +32,10 @@ def document_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     """Per row, the (start, end) of every document: a document starts wherever the position is 0."""
     spans = []
     for row in position_ids.tolist():
-        starts = [i for i, p in enumerate(row) if p == 0] or [0]
-        if starts[0] != 0:
-            starts.insert(0, 0)
-        spans.append(list(zip(starts, starts[1:] + [len(row)])))
+        bounds = document_bounds(row)
+        if not bounds or bounds[0][0] != 0:  # a row that opens mid-document: its head is a span too
+            bounds.insert(0, (0, bounds[0][0] if bounds else len(row)))
+        spans.append(bounds)
     return spans
 
 
