@@ -142,6 +142,14 @@ def chosen_sides(text: str) -> list[str]:
     return sides
 
 
+def tokenizer_of(model_path: str) -> Any:
+    """The tokenizer tunesmith loads for the model folder both sides train."""
+    from tunesmith.config import LoadConfig
+    from tunesmith.model import load_tokenizer, resolve_model
+
+    return load_tokenizer(resolve_model(model_path, LoadConfig()), LoadConfig())
+
+
 def default_model_path() -> str:
     """The HF folder both sides load: the default model as tunesmith imports it from its .gguf."""
     from tunesmith.config import LoadConfig

@@ -56,6 +56,7 @@ from common import (
     rss_mib,
     run_child,
     set_threads,
+    tokenizer_of,
     train_dtype,
     write_result,
 )
@@ -389,12 +390,10 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
 
 def check_tokens(workdir: Path, model_path: str, max_length: int) -> dict:
     """Compare TRL's tokenised pairs with tunesmith's: whole sequences, and the answer tokens each side scores."""
-    from tunesmith.config import LoadConfig
     from tunesmith.data.preference import build_pairs
-    from tunesmith.model import load_tokenizer, resolve_model
     from tunesmith.ops.losses import IGNORE_INDEX
 
-    tokenizer = load_tokenizer(resolve_model(model_path, LoadConfig()), LoadConfig())
+    tokenizer = tokenizer_of(model_path)
     docs = build_pairs(str(workdir / "train.jsonl"), tokenizer, max_length=max_length, packing=False).rows
     trl_rows = json.loads((workdir / "trl_tokens.json").read_text())
     same = scored_ts = scored_trl = 0

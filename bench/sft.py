@@ -50,6 +50,7 @@ from common import (  # noqa: E402  (bench/ is not a package; its scripts run as
     rss_mib,
     run_child,
     set_threads,
+    tokenizer_of,
     write_result,
 )
 
@@ -146,12 +147,10 @@ def final_train_loss(model: Any, args: argparse.Namespace, workdir: Path) -> flo
     trains (answer tokens for SFT, every token for pretraining): one yardstick for both sides' final models."""
     import torch
 
-    from tunesmith.config import LoadConfig
     from tunesmith.core.lm_loss import CausalLMLoss
     from tunesmith.data import build_dataset, collate
-    from tunesmith.model import load_tokenizer, resolve_model
 
-    tokenizer = load_tokenizer(resolve_model(args.model_path, LoadConfig()), LoadConfig())
+    tokenizer = tokenizer_of(args.model_path)
     rows = build_dataset(str(workdir / "train.jsonl"), tokenizer, method=JOBS[args.job]["method"],
                          max_length=args.max_length, packing=False).rows
     loss = CausalLMLoss(model)
@@ -178,11 +177,9 @@ def tunesmith_batch_size(args: argparse.Namespace, workdir: Path) -> int:
     """
     if JOBS[args.job]["method"] == "pretrain" or args.no_packing or args.same_rows_per_step:
         return BATCH_SIZE
-    from tunesmith.config import LoadConfig
     from tunesmith.data import build_dataset
-    from tunesmith.model import load_tokenizer, resolve_model
 
-    tokenizer = load_tokenizer(resolve_model(args.model_path, LoadConfig()), LoadConfig())
+    tokenizer = tokenizer_of(args.model_path)
     stats = build_dataset(str(workdir / "train.jsonl"), tokenizer, method="sft", max_length=args.max_length,
                           packing=True).stats
     return max(1, round(BATCH_SIZE * stats.num_rows / max(stats.num_documents, 1)))
@@ -372,11 +369,9 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
 
 def check_tokens(workdir: Path, model_path: str, max_length: int) -> dict:
     """Compare TRL's prepared rows with tunesmith's unpacked documents: token ids, and the trained-token masks."""
-    from tunesmith.config import LoadConfig
     from tunesmith.data import build_dataset
-    from tunesmith.model import load_tokenizer, resolve_model
 
-    tokenizer = load_tokenizer(resolve_model(model_path, LoadConfig()), LoadConfig())
+    tokenizer = tokenizer_of(model_path)
     docs = build_dataset(
         str(workdir / "train.jsonl"), tokenizer, method="sft", max_length=max_length, packing=False
     ).rows
