@@ -129,3 +129,76 @@ def test_bad_settings_are_reported_together(tiny) -> None:
         generate(model, tokenizer, _chats(["x"]), GenerationSettings(max_new_tokens=0, top_p=0.0, temperature=-1))
     message = str(err.value)
     assert "max_new_tokens" in message and "top_p" in message and "temperature" in message
+
+
+def test_repeated_prompts_are_prefilled_once(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An RL group asks for several answers to one prompt: its prompt runs through the model once.
+    model, tokenizer = tiny
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[3], PROMPTS[1], PROMPTS[0]]
+    prefilled: list[int] = []
+    real = generate_module._Decoder.forward_padded
+
+    def counting(self, rows, cache):
+        prefilled.extend(len(r) for r in rows)
+        return real(self, rows, cache)
+
+    monkeypatch.setattr(generate_module._Decoder, "forward_padded", counting)
+    ours = generate(model, tokenizer, _chats(prompts), GenerationSettings(max_new_tokens=8, batch_size=6))
+    assert sorted(prefilled) == sorted(len(ids) for ids in prompt_ids(tokenizer, _chats(sorted(set(prompts)))))
+    assert [g.token_ids for g in ours] == _hf_one_at_a_time(model, tokenizer, prompts, 8)
+
+
+def test_sampling_draws_from_the_filtered_distribution() -> None:
+    # The inverse-CDF draw of `pick`: frequencies follow softmax(logits / T) after top-k and top-p.
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0, 0.0])
+    logits = probs.log().expand(40_000, -1)  # (rows, vocab): -inf for the two impossible tokens
+
+    def frequencies(**kw) -> torch.Tensor:
+        decoder = object.__new__(generate_module._Decoder)
+        decoder.settings = GenerationSettings(temperature=1.0, **kw)
+        decoder.sampler = torch.Generator().manual_seed(0)
+        tokens = decoder.pick(logits.clone())
+        return torch.bincount(tokens, minlength=len(probs)).float() / len(tokens)
+
+    torch.testing.assert_close(frequencies(), probs, atol=0.01, rtol=0)  # 4 sigma is about 0.01 at 40k draws
+    torch.testing.assert_close(frequencies(top_k=2), torch.tensor([2 / 3, 1 / 3, 0, 0, 0, 0]), atol=0.01, rtol=0)
+    # top_p 0.6: 0.5 alone falls short, 0.5 + 0.25 reaches it; the rest is cut
+    torch.testing.assert_close(frequencies(top_p=0.6), torch.tensor([2 / 3, 1 / 3, 0, 0, 0, 0]), atol=0.01, rtol=0)
+    assert frequencies(top_k=3)[3:].sum() == 0  # filtered tokens are never drawn, not merely rare
+
+
+def test_lora_decodes_merged_and_leaves_the_model_as_it_was(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Rollouts decode with the adapter folded into the weights: the same tokens as the adapter's own forward,
+    # and afterwards the frozen base weights are bit for bit what they were.
+    import copy
+    from contextlib import contextmanager
+
+    from tunesmith.config import LoraConfig
+    from tunesmith.model.lora import apply_lora, merged_lora
+
+    base, tokenizer = tiny
+    model = apply_lora(copy.deepcopy(base), LoraConfig(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with merged_lora(model) as merged:
+        assert merged
+        changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+        assert changed and all("base_layer" in n for n in changed)  # the merged weights are in place
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    settings = GenerationSettings(max_new_tokens=12, batch_size=3)
+    ours = [g.token_ids for g in generate(model, tokenizer, _chats(PROMPTS), settings)]
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not any(getattr(m, "merged", False) for m in model.modules())
+
+    @contextmanager
+    def unmerged(_model):
+        yield False
+
+    monkeypatch.setattr(generate_module, "merged_lora", unmerged)
+    assert ours == [g.token_ids for g in generate(model, tokenizer, _chats(PROMPTS), settings)]
+    assert ours != [g.token_ids for g in generate(base, tokenizer, _chats(PROMPTS), settings)]  # the adapter acts
+    with merged_lora(copy.deepcopy(model).to(torch.bfloat16)) as merged:
+        assert not merged  # bf16 would round a small adapter away: it keeps its own forward
