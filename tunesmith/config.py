@@ -117,6 +117,7 @@ class RLConfig:
     update_epochs: int = field(default=1, metadata=_doc("passes over each batch of rollouts (GRPO's mu, PPO epochs)"))
     minibatch_size: int | None = field(default=None, metadata=_doc("completions per optimizer update; null = one update over all of a step's completions per pass"))
     micro_batch_size: int = field(default=8, metadata=_doc("completions per forward pass (memory only; the maths is the same)"))
+    share_prompts: bool = field(default=True, metadata=_doc("train the completions of one prompt as a tree that holds the prompt once (same maths, less compute; needs SDPA attention, used when the model has it)"))
     clip_eps: float = field(default=0.2, metadata=_doc("PPO/GRPO ratio clip epsilon"))
     kl_coef: float = field(default=0.04, metadata=_doc("weight of the KL penalty to the reference (GRPO's beta; PPO's initial coefficient)"))
     samples_every: int = field(default=10, metadata=_doc("write sampled completions with their rewards to samples.jsonl every N steps (0 = never)"))

@@ -112,7 +112,91 @@ def test_per_document_attention_equals_the_masked_path_in_value_and_gradient(tin
 
 
 def test_document_spans_follow_position_restarts():
-    from tunesmith.model.attention import document_spans
+    from tunesmith.model.attention import document_spans, row_spans
 
     assert document_spans(torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])) == [
-        [(0, 3), (3, 5), (5, 6)], [(0, 6)]]
+        [(0, 3, 0, 0), (3, 5, 3, 3), (5, 6, 5, 5)], [(0, 6, 0, 0)]]
+    # A tree: prefix of 3 (positions 0-2), branches restarting at 3, then a plain document and padding.
+    assert row_spans([0, 1, 2, 3, 4, 5, 3, 4, 3, 4, 5, 0, 1, 2, 0, 1]) == [
+        (0, 3, 0, 0), (3, 6, 0, 3), (6, 8, 0, 3), (8, 11, 0, 3), (11, 14, 11, 11), (14, 16, 14, 14)]
+    assert row_spans([5, 6, 7, 0, 1]) == [(0, 3, 0, 0), (3, 5, 3, 3)]  # a row that opens mid-document
+    # Jumps that do not return to the prefix's end split nothing, as before trees existed.
+    assert row_spans([0, 1, 2, 3, 2, 3, 1]) == [(0, 2, 0, 0), (2, 4, 0, 2), (4, 7, 0, 2)]
+    assert row_spans([0, 1, 2, 7, 8]) == [(0, 5, 0, 0)]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prompt_trees_equal_each_answer_alone(tiny_model_dir, lora: bool):
+    # Answers of one prompt trained as a tree (prompt once, branches restarting after it) give the same
+    # log-probs and gradients as one document per answer.
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.core.lm_loss import decoder_and_head, labelled_states
+    from tunesmith.ops.losses import chunked_token_logps
+    from tunesmith.rollout.sequences import Sequence, collate_sequences, pack_sequences
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    if lora:
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.1, generator=torch.Generator().manual_seed(6))
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (7, 11, 1)]
+    seqs = [Sequence(prompts[i // 3], torch.randint(3, vocab, (2 + i,), generator=gen).tolist(), i) for i in range(9)]
+    decoder, head = decoder_and_head(model)
+    out = {}
+    for share in (False, True):
+        model.zero_grad()
+        rows = pack_sequences(seqs, 28, share_prompts=share)
+        batch = collate_sequences(rows, pad_id=0)
+        selected, targets, _ = labelled_states(decoder, batch["input_ids"], batch["labels"], batch["position_ids"])
+        logps = chunked_token_logps(selected, targets, head)
+        weights = torch.empty_like(logps)  # one weight per (completion, token), whichever layout holds it
+        weights[_labelled_order(batch)] = torch.linspace(-1, 1, logps.numel())
+        (logps * weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        out[share] = (logps.detach(), grads, batch, rows)
+    (logps, grads, batch, rows), (plain_logps, plain_grads, plain_batch, _) = out[True], out[False]
+    # Really shared: each prompt appears once per tree (a 1-token prompt has nothing to share).
+    # Completions are 2..10 tokens. Prompt of 7: one tree of 6 + 3 + 4 + 5. Prompt of 11: 28-token rows cut it into
+    # a tree of 10 + 6 + 7 and a lone document of 11 + 7. Prompt of 1: three documents of 9, 10 and 11.
+    assert sum(len(r.input_ids) for r in rows) == 18 + 23 + 18 + 30
+    assert sorted(batch["completion_index"].tolist()) == list(range(9))
+    assert int((batch["seq_index"] == -1).sum()) > int((plain_batch["seq_index"] == -1).sum())  # shared prompts
+    assert torch.equal(batch["labels"][batch["labels"] != -100].sort().values,
+                       plain_batch["labels"][plain_batch["labels"] != -100].sort().values)
+    order = _labelled_order(batch), _labelled_order(plain_batch)
+    torch.testing.assert_close(logps[order[0]], plain_logps[order[1]], atol=ATOL, rtol=0)
+    assert grads.keys() == plain_grads.keys() and grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=ATOL, rtol=1e-4)
+
+
+def _labelled_order(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Permutation that sorts the labelled tokens by (completion, place in it)."""
+    from tunesmith.core.lm_loss import token_owner
+    from tunesmith.ops.losses import shift_targets
+
+    positions, _ = shift_targets(batch["labels"])
+    owner = batch["completion_index"][token_owner(batch["seq_index"], positions)]
+    key = owner * 10_000 + torch.arange(len(positions))  # stable within a completion: row order is token order
+    return key.argsort()
+
+
+def test_trees_refuse_attention_that_cannot_hold_them(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.core.lm_loss import decoder_and_head, labelled_states
+    from tunesmith.errors import TunesmithError
+    from tunesmith.rollout.sequences import Sequence, collate_sequences, pack_sequences
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="eager")
+    seqs = [Sequence([5, 6, 7, 8], [9, 10, 11], i) for i in range(3)]
+    batch = collate_sequences(pack_sequences(seqs, 64, share_prompts=True), pad_id=0)
+    decoder, _ = decoder_and_head(model)
+    with pytest.raises(TunesmithError, match="'eager'.*rl.share_prompts: false"):
+        labelled_states(decoder, batch["input_ids"], batch["labels"], batch["position_ids"])

@@ -98,6 +98,30 @@ def test_kl_is_zero_at_the_start_under_lora(tmp_path: Path, tiny_model_dir: Path
     assert steps[1]["kl"] > 0.0
 
 
+@pytest.mark.parametrize(("method", "lora"), [("grpo", None), ("grpo", {"r": 4, "alpha": 8, "dropout": 0.0}),
+                                           ("ppo", None)])
+def test_shared_prompts_train_the_same_way(method: str, lora: dict | None, tmp_path: Path, tiny_model_dir: Path) -> None:
+    # One step of two updates (old, reference and, for PPO, value passes all used): the group's prompt held once
+    # per tree gives the losses, KL, entropy, gradient norms and weights of one document per completion.
+    # (LoRA dropout is off: its masks are drawn per token, and the two layouts hold different numbers of tokens.)
+    runs = {}
+    for share in (True, False):
+        (tmp_path / str(share)).mkdir()
+        cfg = _config(tiny_model_dir, tmp_path / str(share), method, "share_of_e", share_prompts=share,
+                      micro_batch_size=6)
+        cfg["lora"] = lora
+        cfg["train"]["max_steps"] = 1
+        tunesmith.train(cfg)
+        runs[share] = (_history(tmp_path / str(share) / "run")[0], final_weights(tmp_path / str(share) / "run"))
+    (shared, shared_weights), (plain, plain_weights) = runs[True], runs[False]
+    keys = ["loss", "grad_norm", "kl", "entropy", "clip_frac", "reward", "completion_length", "tokens_seen"]
+    for key in keys + (["value_loss"] if method == "ppo" else []):
+        assert shared[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key
+    assert shared["grad_norm"] > 0 and shared["num_updates"] == 2
+    for key, weight in plain_weights.items():  # Adam's first steps are lr x sign(gradient): 1e-4 is 1 % of one
+        torch.testing.assert_close(shared_weights[key], weight, atol=1e-4, rtol=1e-4)
+
+
 def test_level_groups_teach_nothing(tmp_path: Path, tiny_model_dir: Path) -> None:
     cfg = _config(tiny_model_dir, tmp_path, "grpo", "constant")
     cfg["train"]["max_steps"] = 3

@@ -10,6 +10,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
+from tunesmith.errors import TunesmithError
 from tunesmith.model.attention import document_attention
 from tunesmith.ops.losses import IGNORE_INDEX, chunked_cross_entropy_sum, chunked_token_logps, shift_targets
 
@@ -119,8 +120,14 @@ def answer_logps(
 def packed_hidden(decoder: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
     """The decoder's last hidden states (batch, seq, hidden) over packed rows: documents never attend to each
     other (positions restart), and attention runs per document, with no masked blocks."""
-    with document_attention(position_ids):
+    with document_attention(position_ids) as layout:
         out = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False)
+    if layout.has_branches and layout.calls == 0:
+        raise TunesmithError(
+            f"this model's attention ({getattr(getattr(decoder, 'config', None), '_attn_implementation', None)!r}) does not "
+            "go through tunesmith's per-document SDPA, which rows of answers sharing one prompt need; load the "
+            "model with SDPA attention, or set rl.share_prompts: false"
+        )
     return out.last_hidden_state
 
 

@@ -2,7 +2,10 @@
 
 A completion is trained as one document, prompt + completion, with only the completion tokens
 labelled; several documents share a row (positions restart, no cross-attention), so one forward
-pass scores many completions without padding. Per-token values fixed at rollout time (the old
+pass scores many completions without padding. With `share_prompts`, the completions of one prompt
+form one tree instead: the prompt but its last token once, then per completion that last token and
+the completion, positions going on from the prompt (`tunesmith.model.attention`). Each completion
+sees exactly what it would see alone, and a group of G answers computes its prompt once, not G times. Per-token values fixed at rollout time (the old
 and reference log-probs, advantages, returns, values) travel with the row, in the order of its
 labelled tokens, which is the order the loss sees them in.
 """
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tunesmith.data.dataset import DataStats, TokenizedData
-from tunesmith.data.packing import Row, _positions, collate, document_index, pack_bins
+from tunesmith.data.packing import Row, _positions, collate, pack_bins
 from tunesmith.errors import TunesmithError
 from tunesmith.ops.losses import IGNORE_INDEX
 
@@ -79,32 +82,74 @@ class SeqRow(Row):
 
     indices: list[int] = field(default_factory=list)  # the completions in this row, by batch index
     token_fields: dict[str, list[float]] = field(default_factory=dict)  # per labelled token, in row order
+    owners: list[int] = field(default_factory=list)  # per token: its completion's place in `indices`; -1 on a shared prompt
 
 
-def pack_sequences(seqs: list[Sequence], max_length: int) -> list[SeqRow]:
-    """Documents prompt + completion (completion labelled) packed into rows of at most max_length tokens."""
+def pack_sequences(seqs: list[Sequence], max_length: int, *, share_prompts: bool = False) -> list[SeqRow]:
+    """Documents prompt + completion (completion labelled) packed into rows of at most max_length tokens;
+    with `share_prompts`, completions of the same prompt as trees that hold the prompt once (module docstring)."""
+    docs = _trees(seqs, max_length) if share_prompts else [[s] for s in seqs]
     rows = []
-    lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in seqs]
-    for members in pack_bins(lengths, max_length):
-        row = SeqRow([], [], [], indices=[], token_fields={})
+    for members in pack_bins([_tree_length(d) for d in docs], max_length):
+        row = SeqRow([], [], [], indices=[], token_fields={}, owners=[])
         for i in members:
-            s = seqs[i]
-            ids = s.prompt_ids + s.completion_ids
-            row.input_ids += ids
-            row.labels += [IGNORE_INDEX] * len(s.prompt_ids) + s.completion_ids
-            row.position_ids += _positions(len(ids))
-            row.indices.append(s.index)
-            for name, values in s.token_fields.items():
-                row.token_fields.setdefault(name, []).extend(values)
+            doc = docs[i]
+            shared = doc[0].prompt_ids[:-1] if len(doc) > 1 else []
+            row.input_ids += shared
+            row.labels += [IGNORE_INDEX] * len(shared)
+            row.position_ids += _positions(len(shared))
+            row.owners += [-1] * len(shared)
+            for s in doc:
+                ids = s.prompt_ids[len(shared) :] + s.completion_ids
+                row.input_ids += ids
+                row.labels += [IGNORE_INDEX] * (len(s.prompt_ids) - len(shared)) + s.completion_ids
+                row.position_ids += list(range(len(shared), len(shared) + len(ids)))
+                row.owners += [len(row.indices)] * len(ids)
+                row.indices.append(s.index)
+                for name, values in s.token_fields.items():
+                    row.token_fields.setdefault(name, []).extend(values)
         rows.append(row)
     return rows
 
 
+def _tree_length(doc: list[Sequence]) -> int:
+    """Tokens of a tree: the shared prompt but its last token once, then each completion with that token."""
+    shared = len(doc[0].prompt_ids) - 1 if len(doc) > 1 else 0
+    return shared + sum(len(s.prompt_ids) - shared + len(s.completion_ids) for s in doc)
+
+
+def _trees(seqs: list[Sequence], max_length: int) -> list[list[Sequence]]:
+    """Completions grouped by prompt (in order of first appearance), each group cut into trees of at most
+    max_length tokens; a prompt of one token has nothing to share and gives single documents."""
+    groups: dict[tuple[int, ...], list[Sequence]] = {}
+    for s in seqs:
+        groups.setdefault(tuple(s.prompt_ids), []).append(s)
+    trees: list[list[Sequence]] = []
+    for prompt, members in groups.items():
+        if len(prompt) < 2:
+            trees += [[s] for s in members]
+            continue
+        current: list[Sequence] = []
+        for s in members:
+            if current and _tree_length([*current, s]) > max_length:
+                trees.append(current)
+                current = []
+            current.append(s)
+        trees.append(current)
+    return trees
+
+
 def collate_sequences(rows: list[SeqRow], pad_id: int) -> dict[str, torch.Tensor]:
-    """`collate` plus seq_index (batch, T) numbering the documents of the batch, their batch indices (seqs,),
-    and every per-token field flattened in the order of the labelled tokens (tokens,)."""
+    """`collate` plus seq_index (batch, T) numbering the completions of the batch (-1 on shared prompts and
+    padding), their batch indices (seqs,), and every per-token field flattened in labelled-token order (tokens,)."""
     batch = collate(rows, pad_id)
-    batch["seq_index"] = document_index(rows, batch["input_ids"].shape[1])  # (batch, T)
+    seq_index = torch.full(batch["input_ids"].shape, -1, dtype=torch.long)  # (batch, T)
+    offset = 0
+    for b, row in enumerate(rows):
+        owners = torch.tensor(row.owners, dtype=torch.long)
+        seq_index[b, : len(owners)] = torch.where(owners >= 0, owners + offset, owners)
+        offset += len(row.indices)
+    batch["seq_index"] = seq_index
     batch["completion_index"] = torch.tensor([i for r in rows for i in r.indices], dtype=torch.long)  # (seqs,)
     for name in TOKEN_FIELDS:
         if all(name in r.token_fields for r in rows):

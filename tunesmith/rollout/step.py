@@ -28,6 +28,7 @@ from tunesmith.core.lm_loss import (
     labelled_states,
     reference_model,
     token_owner,
+    unwrap,
 )
 from tunesmith.core.logs import truncate_metrics
 from tunesmith.eval.generate import Generation, GenerationSettings, generate
@@ -59,6 +60,10 @@ class RLObjective(nn.Module):
             frozen = frozen_copy(policy)  # full fine-tuning: the weights at step 0
         self._frozen = [frozen] if frozen is not None else []  # out of the module tree: not trained or saved
         self._samples_checked = False
+        # Completions of one prompt train as a tree holding the prompt once; the tree needs tunesmith's
+        # per-document SDPA (model/attention.py), which only the "sdpa" implementation goes through.
+        attention = getattr(unwrap(policy).config, "_attn_implementation", None)
+        self.share_prompts = cfg.rl.share_prompts and attention == "sdpa"
 
     # ---------------------------------------------------------------- what methods provide
 
@@ -165,7 +170,8 @@ class RLObjective(nn.Module):
         out = []
         for k in range(0, len(seqs), self.rl.micro_batch_size):
             chunk = seqs[k : k + self.rl.micro_batch_size]
-            out.append((chunk, collate_sequences(pack_sequences(chunk, self.cfg.train.max_length), self.pad_id)))
+            rows = pack_sequences(chunk, self.cfg.train.max_length, share_prompts=self.share_prompts)
+            out.append((chunk, collate_sequences(rows, self.pad_id)))
         return out
 
     @torch.no_grad()
