@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunesmith.ops.losses import chunked_cross_entropy_sum, chunked_token_logps, shift_targets
+from tunesmith.ops.losses import (
+    chunked_cross_entropy_sum,
+    chunked_token_logps,
+    chunked_token_logps_and_entropy,
+    shift_targets,
+)
 
 
 def _full_and_chunked(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float, wrt: list):
@@ -96,6 +101,27 @@ def test_token_logps_with_a_frozen_head_match_log_softmax_in_value_and_gradient(
     (g_full,) = torch.autograd.grad((full * upstream).sum(), [hidden])
     (g_fused,) = torch.autograd.grad((fused * upstream).sum(), [hidden])
     torch.testing.assert_close(g_fused, g_full, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_token_logps_and_entropy_match_log_softmax(frozen: bool) -> None:
+    # GRPO's one-update pass: log-probs with gradients, and the entropy of each row, from the same logits
+    torch.manual_seed(6)
+    head = nn.Linear(16, 50, bias=False).requires_grad_(not frozen)
+    hidden = torch.randn(19, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (19,))
+    upstream = torch.randn(19)
+    log_probs = torch.log_softmax(head(hidden), -1)
+    full = log_probs.gather(1, targets[:, None]).squeeze(1)
+    logps, entropy = chunked_token_logps_and_entropy(hidden, targets, head, chunk_size=8)
+    assert ("LinearTokenLogps" in type(logps.grad_fn).__name__) == frozen
+    torch.testing.assert_close(logps, full, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(entropy, -(log_probs.exp() * log_probs).sum(-1).detach(), atol=1e-5, rtol=1e-5)
+    assert not entropy.requires_grad
+    (g_full,) = torch.autograd.grad((full * upstream).sum(), [hidden])
+    (g_fused,) = torch.autograd.grad((logps * upstream).sum(), [hidden])
+    torch.testing.assert_close(g_fused, g_full, atol=1e-6, rtol=1e-5)
+    assert torch.equal(logps.detach(), chunked_token_logps(hidden, targets, head, chunk_size=8).detach())
 
 
 def test_token_logps_with_a_trained_head_take_the_checkpointed_path() -> None:

@@ -17,7 +17,7 @@ from tunesmith.config import Config
 from tunesmith.core.lm_loss import count_targets, labelled_states, num_sequences, token_owner
 from tunesmith.data import TokenizedData
 from tunesmith.methods import build_rl_data, save_lm_outputs
-from tunesmith.ops.losses import chunked_token_logps, chunked_token_logps_entropy
+from tunesmith.ops.losses import chunked_token_logps, chunked_token_logps_and_entropy
 from tunesmith.ops.rl import (
     clipped_policy_loss,
     group_advantages,
@@ -88,8 +88,11 @@ class GrpoObjective(RLObjective):
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Sum of the GRPO loss over what `count` counts, that count, and statistic sums."""
         selected, targets, positions = labelled_states(self._decoder, input_ids, labels, position_ids)
-        logps = chunked_token_logps(selected, targets, self._head)  # (tokens,)
         own_old = old_logps is None
+        if own_old:  # the entropy is logged from this pass: from the same chunks of logits where the head allows
+            logps, entropy = chunked_token_logps_and_entropy(selected, targets, self._head)  # (tokens,) each
+        else:
+            logps = chunked_token_logps(selected, targets, self._head)  # (tokens,)
         if own_old:  # one update per step: the policy that sampled is the one being updated
             old_logps = logps.detach()
         per_token, clipped = clipped_policy_loss(logps, old_logps, advantages, self.rl.clip_eps)
@@ -100,7 +103,7 @@ class GrpoObjective(RLObjective):
             if own_old:
                 token_stats["kl"] = kl.detach()
         if own_old:
-            _, token_stats["entropy"] = chunked_token_logps_entropy(selected.detach(), targets, self._head)
+            token_stats["entropy"] = entropy
         mode = self.cfg.grpo.loss_normalization
         if mode == "token":
             loss_sum = per_token.sum()

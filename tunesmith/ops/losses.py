@@ -137,7 +137,7 @@ def chunked_token_logps(
         return hidden.sum(-1) * 0.0
     weight = linear_weight(head)
     if weight is not None and not weight.requires_grad and torch.is_grad_enabled() and hidden.requires_grad:
-        return LinearTokenLogps.apply(hidden, weight, targets, chunk_size)  # e.g. LoRA: the head is frozen
+        return LinearTokenLogps.apply(hidden, weight, targets, chunk_size, False)[0]  # e.g. LoRA: the head is frozen
     parts = []
     for start in range(0, hidden.shape[0], chunk_size):
         h = hidden[start : start + chunk_size]
@@ -147,6 +147,23 @@ def chunked_token_logps(
         else:
             parts.append(_chunk_token_logps(h, t, head))
     return torch.cat(parts)
+
+
+def chunked_token_logps_and_entropy(
+    hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`chunked_token_logps` (with its gradients) and, detached, the entropy of every row's next-token distribution.
+
+    Under a frozen linear head (LoRA) the entropy comes from the same chunk of logits as the log-probs; any
+    other head takes a second, gradient-free pass for it.
+    """
+    weight = linear_weight(head)
+    if (hidden.shape[0] and weight is not None and not weight.requires_grad and torch.is_grad_enabled()
+            and hidden.requires_grad):
+        logps, entropy = LinearTokenLogps.apply(hidden, weight, targets, chunk_size, True)
+        return logps, entropy
+    return chunked_token_logps(hidden, targets, head, chunk_size), chunked_token_logps_entropy(
+        hidden.detach(), targets, head, chunk_size)[1]
 
 
 class LinearTokenLogps(torch.autograd.Function):
@@ -160,26 +177,33 @@ class LinearTokenLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
-        """(tokens,) float32 log-probabilities; stores their per-row gradients for backward."""
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens,) float32 log-probabilities, and their entropies (empty unless asked); stores the gradients."""
         logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (tokens,)
+        entropy = torch.empty(hidden.shape[0] if with_entropy else 0, dtype=torch.float32, device=hidden.device)
         rows = torch.empty_like(hidden)  # (tokens, hidden): d log p_i / d hidden_i
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]  # (chunk, hidden)
             t = targets[start : start + chunk_size]  # (chunk,)
             logits = (h @ weight.t()).float()  # (chunk, vocab), as _head_logits
             lse, logps[start : start + t.numel()] = _target_logps(logits, t)
-            grad_logits = logits.sub_(lse[:, None]).exp_().neg_()  # -softmax, in place of the logits
+            log_probs = logits.sub_(lse[:, None])  # log-softmax, in place of the logits
+            probs = log_probs.exp()
+            if with_entropy:
+                entropy[start : start + t.numel()] = -(probs * log_probs).sum(-1)
+            grad_logits = probs.neg_()  # -softmax
             grad_logits[torch.arange(t.numel(), device=t.device), t] += 1.0
             torch.mm(grad_logits.to(hidden.dtype), weight, out=rows[start : start + chunk_size])
         ctx.save_for_backward(rows)
-        return logps
+        ctx.mark_non_differentiable(entropy)
+        return logps, entropy
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx, grad_output: torch.Tensor, _grad_entropy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """Each token's stored row times its upstream gradient."""
         (rows,) = ctx.saved_tensors
-        return (rows * grad_output[:, None].to(rows.dtype), None, None, None)
+        return (rows * grad_output[:, None].to(rows.dtype), None, None, None, None)
 
 
 @torch.no_grad()
