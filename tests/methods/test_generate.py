@@ -202,3 +202,28 @@ def test_lora_decodes_merged_and_leaves_the_model_as_it_was(tiny, monkeypatch: p
     assert ours != [g.token_ids for g in generate(base, tokenizer, _chats(PROMPTS), settings)]  # the adapter acts
     with merged_lora(copy.deepcopy(model).to(torch.bfloat16)) as merged:
         assert not merged  # bf16 would round a small adapter away: it keeps its own forward
+
+
+def test_roomy_cache_layer_holds_what_a_growing_layer_holds() -> None:
+    # The decode loop's KV layer writes into spare room instead of concatenating; it must hold the same keys
+    # and values as transformers' DynamicLayer through prefill, steps, rows leaving, and running out of room.
+    from transformers.cache_utils import DynamicLayer
+
+    gen = torch.Generator().manual_seed(0)
+
+    def kv(rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(rows, 2, length, 4, generator=gen), torch.randn(rows, 2, length, 4, generator=gen)
+
+    plain = DynamicLayer()
+    plain.update(*kv(5, 7))
+    roomy = generate_module._RoomyLayer(plain, room=3)
+    for step in range(6):  # three steps fill the room; the fourth grows the buffers
+        if step == 2:
+            keep = torch.tensor([0, 2, 4])
+            plain.batch_select_indices(keep)
+            roomy.batch_select_indices(keep)
+        new = kv(plain.keys.shape[0], 1)
+        expected, got = plain.update(*new), roomy.update(*new)
+        for a, b in zip(expected, got):
+            assert torch.equal(a, b)
+        assert roomy.get_seq_length() == plain.get_seq_length() == 8 + step
