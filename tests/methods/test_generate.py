@@ -167,14 +167,15 @@ def test_sampling_draws_from_the_filtered_distribution() -> None:
     assert frequencies(top_k=3)[3:].sum() == 0  # filtered tokens are never drawn, not merely rare
 
 
-def test_lora_decodes_merged_and_leaves_the_model_as_it_was(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Rollouts decode with the adapter folded into the weights: the same tokens as the adapter's own forward,
-    # and afterwards the frozen base weights are bit for bit what they were.
+def test_lora_decodes_packed_and_merged_and_leaves_the_model_as_it_was(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Rollouts decode with the adapter folded into (oneDNN-packed, on CPU) weights: the same tokens as the
+    # adapter's own forward, and afterwards every parameter is bit for bit what it was.
     import copy
     from contextlib import contextmanager
 
     from tunesmith.config import LoraConfig
-    from tunesmith.model.lora import apply_lora, merged_lora
+    from tunesmith.model import decoding
+    from tunesmith.model.lora import apply_lora, mergeable_lora_layers, merged_lora, merged_weight
 
     base, tokenizer = tiny
     model = apply_lora(copy.deepcopy(base), LoraConfig(r=4, alpha=8, dropout=0.0))
@@ -183,23 +184,35 @@ def test_lora_decodes_merged_and_leaves_the_model_as_it_was(tiny, monkeypatch: p
             if "lora_B" in name:
                 param.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for layer, active in mergeable_lora_layers(model):
+        expected = layer.get_base_layer().weight + layer.get_delta_weight(active[0])
+        torch.testing.assert_close(merged_weight(layer, active), expected, atol=1e-6, rtol=1e-6)
     with merged_lora(model) as merged:
         assert merged
         changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
         assert changed and all("base_layer" in n for n in changed)  # the merged weights are in place
+    with torch.no_grad(), decoding.decoding_weights(model) as mode:
+        assert mode == "packed"  # CPU float32 with this PyTorch: the packed path is the one tested below
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     settings = GenerationSettings(max_new_tokens=12, batch_size=3)
-    ours = [g.token_ids for g in generate(model, tokenizer, _chats(PROMPTS), settings)]
+
+    def tokens(m) -> list[list[int]]:
+        return [g.token_ids for g in generate(m, tokenizer, _chats(PROMPTS), settings)]
+
+    packed = tokens(model)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert not any(getattr(m, "merged", False) for m in model.modules())
+    assert not any(hasattr(m, "_tunesmith_packed_weight") or "forward" in vars(m) for m in model.modules())
+    monkeypatch.setattr(decoding, "_packable", lambda _model: False)  # CUDA / bf16: merged plain weights
+    assert tokens(model) == packed
 
     @contextmanager
-    def unmerged(_model):
-        yield False
+    def adapters_as_they_are(_model):
+        yield "plain"
 
-    monkeypatch.setattr(generate_module, "merged_lora", unmerged)
-    assert ours == [g.token_ids for g in generate(model, tokenizer, _chats(PROMPTS), settings)]
-    assert ours != [g.token_ids for g in generate(base, tokenizer, _chats(PROMPTS), settings)]  # the adapter acts
+    monkeypatch.setattr(generate_module, "decoding_weights", adapters_as_they_are)
+    assert tokens(model) == packed  # the adapter's own forward: base + B(A(x)) at every step
+    assert packed != tokens(base)  # the adapter acts
     with merged_lora(copy.deepcopy(model).to(torch.bfloat16)) as merged:
         assert not merged  # bf16 would round a small adapter away: it keeps its own forward
 

@@ -24,7 +24,7 @@ from transformers.cache_utils import DynamicLayer
 from tunesmith.core.lm_loss import unwrap
 from tunesmith.data.chat import has_chat_template, render_chat
 from tunesmith.errors import TunesmithError
-from tunesmith.model.lora import merged_lora
+from tunesmith.model.decoding import decoding_weights
 
 
 @dataclass(kw_only=True)
@@ -138,7 +138,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with merged_lora(model):  # the adapter folded into the weights while decoding: fewer, larger matmuls
+        with decoding_weights(model):  # packed CPU weights, LoRA folded in: one fast matmul per layer
             for start in range(0, len(order), settings.batch_size):
                 batch = order[start : start + settings.batch_size]
                 for i, generation in zip(batch, decoder.run([encoded[i] for i in batch], bar)):

@@ -69,7 +69,7 @@ def merged_lora(model: torch.nn.Module) -> Iterator[bool]:
     embeddings, other tuners), or weights are not float32 (a bf16 weight would round a young adapter's
     small change away, and sampling would not follow the policy being trained).
     """
-    layers = _mergeable_lora_layers(model)
+    layers = mergeable_lora_layers(model)
     if not layers:
         yield False
         return
@@ -77,10 +77,7 @@ def merged_lora(model: torch.nn.Module) -> Iterator[bool]:
     try:
         for layer, active in layers:
             weight = layer.get_base_layer().weight
-            with torch.no_grad():
-                merged = weight.data.clone()
-                for adapter in active:
-                    merged += layer.get_delta_weight(adapter)
+            merged = merged_weight(layer, active)
             swapped.append((layer, weight, weight.data, list(layer.merged_adapters)))
             weight.data = merged
             layer.merged_adapters[:] = active  # peft's Linear.forward now runs the base layer alone
@@ -91,7 +88,20 @@ def merged_lora(model: torch.nn.Module) -> Iterator[bool]:
             layer.merged_adapters[:] = merged_before
 
 
-def _mergeable_lora_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, list[str]]]:
+@torch.no_grad()
+def merged_weight(layer: torch.nn.Module, active: list[str]) -> torch.Tensor:
+    """A new tensor `W + sum of scale·B·A` over the active adapters of a plain LoRA linear (one pass over W)."""
+    merged = layer.get_base_layer().weight.detach()
+    for adapter in active:
+        a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        if layer.fan_in_fan_out:  # weights stored (in, out), as GPT-2's Conv1D
+            merged = torch.addmm(merged, a.t(), b.t(), alpha=layer.scaling[adapter])
+        else:
+            merged = torch.addmm(merged, b, a, alpha=layer.scaling[adapter])
+    return merged
+
+
+def mergeable_lora_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, list[str]]]:
     """The LoRA layers `merged_lora` can merge with their active adapters, or [] when any layer rules merging out."""
     try:
         from peft.tuners.lora import Linear as LoraLinear

@@ -1,0 +1,90 @@
+"""The weights a model decodes with: CPU linears on oneDNN-packed weights, LoRA folded in.
+
+Decoding a token at a time runs every linear layer on a handful of rows. On CPU, MKL's GEMM for such
+small batches re-packs the weight at every call; oneDNN with the weight packed once (the kernel
+PyTorch's own CPU compiler uses for frozen weights) runs a 135M model's linears 20-45 % faster at 4-16
+rows, and a whole rollout about a third faster. The packed copies are made at the start of a
+generation (a LoRA adapter merged into them on the way, so each layer is one matmul) and dropped at
+its end: one extra copy of the linear weights in memory while generating (0.5 GB for SmolLM2-135M),
+about 0.4 s to make, and the model's parameters are never touched. Elsewhere (CUDA, bf16, a PyTorch without the
+kernel), LoRA is merged into plain weights when it can be (`merged_lora`), else nothing changes.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunesmith.model.lora import mergeable_lora_layers, merged_lora, merged_weight
+
+_PACKED = "_tunesmith_packed_weight"
+_WORKS: dict[str, bool] = {}
+
+
+def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, getattr(self, _PACKED), self.bias, "none", [None], "")
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+def can_pack() -> bool:
+    """Whether this PyTorch packs linear weights for oneDNN and gets F.linear's results from them (checked once)."""
+    if "cpu" not in _WORKS:
+        try:
+            gen = torch.Generator().manual_seed(0)
+            weight, bias, x = (torch.randn(*shape, generator=gen) for shape in ((24, 16), (24,), (3, 1, 16)))
+            packed = _pack(weight)
+            out = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
+            _WORKS["cpu"] = bool(torch.allclose(out, F.linear(x, weight, bias), atol=1e-4, rtol=1e-4))
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _WORKS["cpu"] = False
+    return _WORKS["cpu"]
+
+
+def _packable(model: nn.Module) -> bool:
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    return (
+        bool(linears)
+        and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in linears)
+        and can_pack()
+    )
+
+
+@contextmanager
+def decoding_weights(model: nn.Module) -> Iterator[str]:
+    """Inside (and without gradients): the model's linears on their decoding weights; yields "packed", "merged" or "plain"."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("decoding_weights is for generation: enter it under torch.no_grad()")
+    if not _packable(model):
+        with merged_lora(model) as merged:
+            yield "merged" if merged else "plain"
+        return
+    lora = mergeable_lora_layers(model)
+    merged_into = {id(layer.get_base_layer()): (layer, active) for layer, active in lora}
+    unused = {id(m) for layer, active in lora for a in active for m in (layer.lora_A[a], layer.lora_B[a])}
+    patched: list[nn.Linear] = []
+    merged_before = [(layer, list(layer.merged_adapters)) for layer, _ in lora]
+    try:
+        for module in model.modules():
+            if type(module) is not nn.Linear or id(module) in unused:
+                continue
+            entry = merged_into.get(id(module))
+            setattr(module, _PACKED, _pack(merged_weight(*entry) if entry else module.weight))
+            module.forward = types.MethodType(_packed_forward, module)
+            patched.append(module)
+        for layer, active in lora:
+            layer.merged_adapters[:] = active  # peft's Linear.forward now runs the (packed, merged) base layer alone
+        yield "packed"
+    finally:
+        for module in patched:
+            del module.forward
+            delattr(module, _PACKED)
+        for layer, before in merged_before:
+            layer.merged_adapters[:] = before
