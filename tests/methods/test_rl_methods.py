@@ -118,8 +118,10 @@ def test_shared_prompts_train_the_same_way(method: str, lora: dict | None, tmp_p
     for key in keys + (["value_loss"] if method == "ppo" else []):
         assert shared[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key
     assert shared["grad_norm"] > 0 and shared["num_updates"] == 2
-    for key, weight in plain_weights.items():  # Adam's first steps are lr x sign(gradient): 1e-4 is 1 % of one
-        torch.testing.assert_close(shared_weights[key], weight, atol=1e-4, rtol=1e-4)
+    # Adam's first steps are lr x sign(gradient): float noise in a near-zero gradient can flip a lone element by a
+    # whole step (1e-2), so weights are compared in bulk; layouts that differed in maths would differ everywhere.
+    diffs = torch.cat([(shared_weights[k] - w).abs().flatten() for k, w in plain_weights.items()])
+    assert float((diffs > 1e-4).float().mean()) < 1e-3 and float(diffs.mean()) < 1e-6
 
 
 def test_level_groups_teach_nothing(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -116,7 +116,9 @@ class RLObjective(nn.Module):
             for _ in range(rl.update_epochs):
                 order = torch.randperm(len(train_seqs), generator=gen).tolist()
                 for start in range(0, len(order), size):
-                    chosen = [train_seqs[i] for i in order[start : start + size]]
+                    # A minibatch is a random draw; within it, completions go in sampling order, so a prompt's
+                    # answers share micro-batches and its tree (the loss is a sum: the order changes nothing else).
+                    chosen = sorted((train_seqs[i] for i in order[start : start + size]), key=lambda s: s.index)
                     outcome = update([batch for _, batch in self.collated(chosen)])
                     losses.append(outcome.loss)
                     grad_norms.append(outcome.grad_norm)
