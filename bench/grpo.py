@@ -36,8 +36,11 @@ num_generations (default 8), max_completion_length (default 512), loss_type and 
 Work that differs by design, not by setting: with one update per step both sides take the rollout
 policy's log-probs from the update's own forward, detached (no separate pass; tunesmith then logs the
 entropy and KL from the update), and tunesmith leaves groups whose rewards are all equal out of the update
-(TRL trains on them; their advantage is 0, only the KL term acts). tunesmith generates with its own
-KV-cache sampler (finished rows leave the batch), TRL with `model.generate`. Completions differ between
+(TRL trains on them; their advantage is 0, only the KL term acts). tunesmith trains each group's four
+answers as one tree holding the prompt once (`rl.share_prompts`, its default; the same log-probs and
+gradients as one document per answer), and generates with its own KV-cache sampler (a repeated prompt
+prefilled once, finished rows leave the batch, LoRA merged into oneDNN-packed weights on CPU), TRL
+with `model.generate`. Completions differ between
 the sides (different samplers, different prompt order), so mean completion length is reported on both
 sides: compare it before reading the time ratios.
 
