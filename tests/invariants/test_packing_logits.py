@@ -200,3 +200,55 @@ def test_trees_refuse_attention_that_cannot_hold_them(tiny_model_dir):
     decoder, _ = decoder_and_head(model)
     with pytest.raises(TunesmithError, match="'eager'.*rl.share_prompts: false"):
         labelled_states(decoder, batch["input_ids"], batch["labels"], batch["position_ids"])
+
+
+@pytest.mark.parametrize("trees", [False, True])
+def test_activation_checkpointing_recomputes_under_the_same_layout(tiny_model_dir, trees: bool):
+    # With train.gradient_checkpointing, each layer is recomputed in backward, outside the forward's
+    # document_attention block: it must still attend per document (and per tree), or the gradients change.
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.core.lm_loss import decoder_and_head, labelled_states
+    from tunesmith.model.attention import checkpoint_context
+    from tunesmith.ops.losses import chunked_token_logps
+    from tunesmith.rollout.sequences import Sequence, collate_sequences, pack_sequences
+
+    gen = torch.Generator().manual_seed(8)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (6, 9)]
+    seqs = [Sequence(prompts[i // 3], torch.randint(3, vocab, (3 + i,), generator=gen).tolist(), i) for i in range(6)]
+    batch = collate_sequences(pack_sequences(seqs, 64, share_prompts=trees), pad_id=0)
+
+    def grads(checkpointed: bool) -> list[torch.Tensor]:
+        model.train()
+        if checkpointed:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context})
+        model.zero_grad()
+        decoder, head = decoder_and_head(model)
+        selected, targets, _ = labelled_states(decoder, batch["input_ids"], batch["labels"], batch["position_ids"])
+        chunked_token_logps(selected, targets, head).sum().backward()
+        model.gradient_checkpointing_disable()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain, checkpointed = grads(False), grads(True)
+    for a, b in zip(checkpointed, plain):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4)
+
+
+def test_trees_are_only_used_where_every_layer_can_hold_them():
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig
+
+    from tunesmith.model.attention import trees_fit
+
+    def config(cls, attention="sdpa", **kw):
+        c = cls(**kw)
+        c._attn_implementation = attention
+        return c
+
+    assert trees_fit(config(LlamaConfig), 4096)
+    assert not trees_fit(config(LlamaConfig, "eager"), 4096)
+    assert not trees_fit(config(Gemma2Config), 512)  # logit softcapping in attention
+    assert trees_fit(config(MistralConfig, sliding_window=4096), 2048)  # the window holds a whole row
+    assert not trees_fit(config(MistralConfig, sliding_window=1024), 2048)

@@ -240,3 +240,28 @@ def test_roomy_cache_layer_holds_what_a_growing_layer_holds() -> None:
         for a, b in zip(expected, got):
             assert torch.equal(a, b)
         assert roomy.get_seq_length() == plain.get_seq_length() == 8 + step
+
+
+def test_lora_over_conv1d_keeps_its_adapter_while_decoding() -> None:
+    # GPT-2's Conv1D (weights stored (in, out)) under LoRA: decoding weights must carry the adapter too.
+    import peft
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tunesmith.model.decoding import decoding_weights
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=97, n_positions=64)).eval()
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
+                                                      fan_in_fan_out=True))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+        x = torch.randint(0, 97, (2, 7))
+        adapted = model(input_ids=x).logits
+        with decoding_weights(model) as mode:
+            inside = model(input_ids=x).logits
+        with model.disable_adapter():
+            assert not torch.allclose(model(input_ids=x).logits, adapted, atol=1e-3)  # the adapter matters
+    assert mode == "merged"  # a Conv1D base is not packed; its merged weight is swapped in instead
+    torch.testing.assert_close(inside, adapted, atol=1e-5, rtol=1e-5)

@@ -100,12 +100,24 @@ def test_kl_is_zero_at_the_start_under_lora(tmp_path: Path, tiny_model_dir: Path
 
 @pytest.mark.parametrize(("method", "lora"), [("grpo", None), ("grpo", {"r": 4, "alpha": 8, "dropout": 0.0}),
                                            ("ppo", None)])
-def test_shared_prompts_train_the_same_way(method: str, lora: dict | None, tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_shared_prompts_train_the_same_way(method: str, lora: dict | None, tmp_path: Path, tiny_model_dir: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # One step of two updates (old, reference and, for PPO, value passes all used): the group's prompt held once
     # per tree gives the losses, KL, entropy, gradient norms and weights of one document per completion.
     # (LoRA dropout is off: its masks are drawn per token, and the two layouts hold different numbers of tokens.)
+    import tunesmith.rollout.step as step_module
+
+    real_pack, shared_prefixes = step_module.pack_sequences, []
+
+    def spying(*args, **kwargs):
+        rows = real_pack(*args, **kwargs)
+        shared_prefixes.append(any(-1 in row.owners for row in rows))
+        return rows
+
+    monkeypatch.setattr(step_module, "pack_sequences", spying)
     runs = {}
     for share in (True, False):
+        shared_prefixes.clear()
         (tmp_path / str(share)).mkdir()
         cfg = _config(tiny_model_dir, tmp_path / str(share), method, "share_of_e", share_prompts=share,
                       micro_batch_size=6)
@@ -113,6 +125,7 @@ def test_shared_prompts_train_the_same_way(method: str, lora: dict | None, tmp_p
         cfg["train"]["max_steps"] = 1
         tunesmith.train(cfg)
         runs[share] = (_history(tmp_path / str(share) / "run")[0], final_weights(tmp_path / str(share) / "run"))
+        assert shared_prefixes and all(shared_prefixes) == share  # the trees really were (not) built
     (shared, shared_weights), (plain, plain_weights) = runs[True], runs[False]
     keys = ["loss", "grad_norm", "kl", "entropy", "clip_frac", "reward", "completion_length", "tokens_seen"]
     for key in keys + (["value_loss"] if method == "ppo" else []):

@@ -25,6 +25,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.eval import in_run
 from tunesmith.methods import get_method
 from tunesmith.model import apply_lora, count_parameters, load_model, load_tokenizer, resolve_model
+from tunesmith.model.attention import checkpoint_context
 
 SUMMARY = "summary.json"
 log = logging.getLogger(__name__)
@@ -145,7 +146,9 @@ def _train(cfg: Config, info: distributed.DistInfo) -> RunResult:
     seed_everything(cfg.train.seed)
     model = load_model(resolved, cfg.load, device=info.device)
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # the recomputation in backward must see the packed rows' per-document layout, as the forward did
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context})
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora)
     lm = model

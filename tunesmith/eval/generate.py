@@ -298,9 +298,14 @@ class _Decoder:
         # so that the tail of a 50k-token vocabulary keeps its share. torch.multinomial draws an
         # exponential number for every token of the vocabulary, which took 7 % of a CPU rollout.
         cdf = logits.softmax(-1).double().cumsum(-1)  # (rows, vocab)
-        u = torch.rand((cdf.shape[0], 1), generator=self.sampler, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
-        # The first token whose cumulated probability exceeds u; tokens of probability 0 are never chosen.
-        return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+        total = cdf[:, -1:]  # (rows, 1): 1 up to rounding
+        if not bool(torch.isfinite(total).all()):
+            raise TunesmithError("generation: the model gave NaN or infinite logits; the weights have diverged "
+                                 "(lower the learning rate, or check train.max_grad_norm)")
+        u = torch.rand(total.shape, generator=self.sampler, device=cdf.device, dtype=cdf.dtype) * total
+        u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total even after rounding
+        # The first token whose cumulated probability exceeds u: tokens of probability 0 are never chosen.
+        return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
     def finish(self, tokens: list[int], *, last_step: bool) -> Generation | None:
         """The finished Generation when `tokens` ends the row (EOS, stop string, or length), else None."""
@@ -342,11 +347,12 @@ class _RoomyLayer(DynamicLayer):
         elif layer.is_initialized:
             self.lazy_initialization(layer.keys, layer.values)
 
-    def _grow(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """New buffers holding `keys`/`values` and room for `self.room` more tokens."""
+    def _grow(self, keys: torch.Tensor, values: torch.Tensor, coming: int = 0) -> None:
+        """New buffers holding `keys`/`values` and room for `self.room` (at least `coming`) more tokens."""
         batch, heads, length, dim = keys.shape
-        self.key_buffer = keys.new_empty((batch, heads, length + self.room, dim))
-        self.value_buffer = values.new_empty((batch, heads, length + self.room, values.shape[-1]))
+        room = max(self.room, coming)
+        self.key_buffer = keys.new_empty((batch, heads, length + room, dim))
+        self.value_buffer = values.new_empty((batch, heads, length + room, values.shape[-1]))
         self.key_buffer[:, :, :length] = keys
         self.value_buffer[:, :, :length] = values
         self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
@@ -360,7 +366,7 @@ class _RoomyLayer(DynamicLayer):
             if length == 0:
                 self._grow(key_states, value_states)
                 return self.keys, self.values
-            self._grow(self.keys, self.values)
+            self._grow(self.keys, self.values, key_states.shape[-2])
         end = length + key_states.shape[-2]
         self.key_buffer[:, :, length:end] = key_states
         self.value_buffer[:, :, length:end] = value_states
@@ -382,9 +388,9 @@ class _RoomyLayer(DynamicLayer):
             self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
             self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
 
-    def crop(self, tokens_to_remove: int) -> None:
-        """Drop the last tokens (the room grows by as many)."""
-        super().crop(tokens_to_remove)
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Rows in the order of `beam_idx` (buffers and views)."""
+        self.batch_select_indices(beam_idx)
 
 
 def _prefill_groups(lengths: list[int], max_padding: float = 0.1) -> list[list[int]]:

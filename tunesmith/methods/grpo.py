@@ -89,12 +89,12 @@ class GrpoObjective(RLObjective):
         """Sum of the GRPO loss over what `count` counts, that count, and statistic sums."""
         selected, targets, positions = labelled_states(self._decoder, input_ids, labels, position_ids)
         own_old = old_logps is None
-        if own_old:  # the entropy is logged from this pass: from the same chunks of logits where the head allows
+        if own_old:  # one update per step: the policy that sampled is the one being updated
+            # the entropy is logged from this pass, from the log-probs' own chunks of logits where the head allows
             logps, entropy = chunked_token_logps_and_entropy(selected, targets, self._head)  # (tokens,) each
+            old_logps = logps.detach()
         else:
             logps = chunked_token_logps(selected, targets, self._head)  # (tokens,)
-        if own_old:  # one update per step: the policy that sampled is the one being updated
-            old_logps = logps.detach()
         per_token, clipped = clipped_policy_loss(logps, old_logps, advantages, self.rl.clip_eps)
         token_stats = {"clip_frac": clipped.float()}
         if ref_logps is not None and self.rl.kl_coef > 0:

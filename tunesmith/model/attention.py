@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -85,6 +86,26 @@ def row_spans(positions: list[int]) -> list[Span]:
     return spans
 
 
+def trees_fit(config, max_length: int) -> bool:
+    """Whether rows of up to `max_length` tokens holding trees run right on a model with this config: SDPA
+    attention in every layer, no logit softcapping, and no sliding window shorter than a row."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    if getattr(text, "attn_logit_softcapping", None) is not None:
+        return False
+    types = getattr(text, "layer_types", None)
+    if types is not None and any(t not in ("full_attention", "sliding_attention") for t in types):
+        return False  # linear-attention or state-space layers mix tokens along the row
+    window = getattr(text, "sliding_window", None)
+    if window is not None and window < max_length:
+        if types is None and getattr(text, "use_sliding_window", True):
+            return False
+        if types is not None and "sliding_attention" in types:
+            return False
+    return True
+
+
 def document_spans(position_ids: torch.Tensor) -> list[list[Span]]:
     """Per row, the (start, end, prefix_start, prefix_end) of every attention call."""
     return [row_spans(row) for row in position_ids.tolist()]
@@ -96,26 +117,23 @@ def document_attention(position_ids: torch.Tensor) -> Iterator[Layout]:
     spans = document_spans(position_ids)
     layout = Layout(spans, has_branches=any(ps != pe for row in spans for _, _, ps, pe in row),
                     longest=max((e - s + pe - ps for row in spans for s, e, ps, pe in row), default=0))
+    with _within(layout):
+        yield layout
+
+
+@contextmanager
+def _within(layout: Layout | None) -> Iterator[None]:
     token = _LAYOUT.set(layout)
     try:
-        yield layout
+        yield
     finally:
         _LAYOUT.reset(token)
 
 
-_MASKS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
-
-
-def _branch_mask(length: int, prefix: int, device: torch.device) -> torch.Tensor:
-    """(length, prefix + length) bool: query i sees the whole prefix and the branch's tokens up to i."""
-    key = (length, prefix, device)
-    mask = _MASKS.get(key)
-    if mask is None:
-        mask = torch.ones(length, prefix + length, dtype=torch.bool, device=device).tril(prefix)
-        if len(_MASKS) > 4096:
-            _MASKS.clear()
-        _MASKS[key] = mask
-    return mask
+def checkpoint_context() -> tuple[AbstractContextManager, AbstractContextManager]:
+    """`context_fn` for torch's non-reentrant activation checkpointing: a layer recomputed in backward runs under
+    the layout its forward saw (else it would take the masked path, and tree rows would lose their prefix)."""
+    return nullcontext(), _within(_LAYOUT.get())
 
 
 def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -154,8 +172,11 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
                 continue
             k = torch.cat([key[b : b + 1, :, ps:pe], k], dim=2)
             v = torch.cat([value[b : b + 1, :, ps:pe], v], dim=2)
-            parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=_branch_mask(e - s, pe - ps, q.device),
-                                                        dropout_p=dropout, scale=scaling, enable_gqa=gqa))
+            # Query i sees the whole prefix and the branch up to i: causal, aligned to the keys' end. A CausalBias,
+            # not a stored mask, so CUDA's flash kernel can take it.
+            mask = causal_lower_right(e - s, pe - ps + e - s)
+            parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                                        enable_gqa=gqa))
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
     out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)  # (batch, heads, T, dim)
     return out.transpose(1, 2).contiguous(), None  # (batch, T, heads, dim), as transformers expects

@@ -49,10 +49,14 @@ def can_pack() -> bool:
 
 
 def _packable(model: nn.Module) -> bool:
+    """CPU float32 linears without hooks of their own, and every merged LoRA layer's base one of them."""
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     return (
         bool(linears)
         and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in linears)
+        and not any("forward" in vars(m) for m in linears)  # e.g. accelerate's hooks: leave such models alone
+        # a LoRA layer over anything else (GPT-2's Conv1D) must keep its own weight swap: merged_lora handles it
+        and all(type(layer.get_base_layer()) is nn.Linear for layer, _ in mergeable_lora_layers(model))
         and can_pack()
     )
 

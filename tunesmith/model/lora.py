@@ -110,6 +110,10 @@ def mergeable_lora_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module,
     except ImportError:
         return []
     layers = []
+    uses: dict[int, int] = {}  # how many modules hold each parameter: a tied weight must not be swapped
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            uses[id(param)] = uses.get(id(param), 0) + 1
     for module in model.modules():
         if not isinstance(module, BaseTunerLayer):
             continue
@@ -118,6 +122,7 @@ def mergeable_lora_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module,
         active = [a for a in module.active_adapters if a in module.lora_A]
         weight = module.get_base_layer().weight
         if (module.disable_adapters or module.merged or not active or weight.dtype != torch.float32
+                or uses.get(id(weight), 0) > 1  # e.g. an adapted lm_head tied to the input embeddings
                 or any(a in module.lora_variant or module.lora_bias.get(a) for a in active)):
             return []
         layers.append((module, active))

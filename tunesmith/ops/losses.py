@@ -189,10 +189,12 @@ class LinearTokenLogps(torch.autograd.Function):
             logits = (h @ weight.t()).float()  # (chunk, vocab), as _head_logits
             lse, logps[start : start + t.numel()] = _target_logps(logits, t)
             log_probs = logits.sub_(lse[:, None])  # log-softmax, in place of the logits
-            probs = log_probs.exp()
-            if with_entropy:
-                entropy[start : start + t.numel()] = -(probs * log_probs).sum(-1)
-            grad_logits = probs.neg_()  # -softmax
+            if with_entropy:  # one more (chunk, vocab) buffer, only when asked
+                probs = log_probs.exp()
+                entropy[start : start + t.numel()] = -torch.einsum("ij,ij->i", probs, log_probs)
+                grad_logits = probs.neg_()  # -softmax
+            else:
+                grad_logits = log_probs.exp_().neg_()  # -softmax, in place
             grad_logits[torch.arange(t.numel(), device=t.device), t] += 1.0
             torch.mm(grad_logits.to(hidden.dtype), weight, out=rows[start : start + chunk_size])
         ctx.save_for_backward(rows)

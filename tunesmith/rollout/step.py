@@ -32,6 +32,7 @@ from tunesmith.core.lm_loss import (
 )
 from tunesmith.core.logs import truncate_metrics
 from tunesmith.eval.generate import Generation, GenerationSettings, generate
+from tunesmith.model.attention import trees_fit
 from tunesmith.ops.losses import chunked_token_logps_entropy, shift_targets
 from tunesmith.rollout.rewards import RewardSet, Scored
 from tunesmith.rollout.sequences import PromptRow, Sequence, collate_sequences, pack_sequences
@@ -61,9 +62,8 @@ class RLObjective(nn.Module):
         self._frozen = [frozen] if frozen is not None else []  # out of the module tree: not trained or saved
         self._samples_checked = False
         # Completions of one prompt train as a tree holding the prompt once; the tree needs tunesmith's
-        # per-document SDPA (model/attention.py), which only the "sdpa" implementation goes through.
-        attention = getattr(unwrap(policy).config, "_attn_implementation", None)
-        self.share_prompts = cfg.rl.share_prompts and attention == "sdpa"
+        # per-document SDPA (model/attention.py) in every layer, which some models cannot give it.
+        self.share_prompts = cfg.rl.share_prompts and trees_fit(unwrap(policy).config, cfg.train.max_length)
 
     # ---------------------------------------------------------------- what methods provide
 
