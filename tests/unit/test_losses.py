@@ -10,7 +10,7 @@ from torch import nn
 from tunesmith.ops.losses import (
     chunked_cross_entropy_sum,
     chunked_token_logps,
-    chunked_token_logps_and_entropy,
+    chunked_token_logps_entropy,
     shift_targets,
 )
 
@@ -113,7 +113,7 @@ def test_token_logps_and_entropy_match_log_softmax(frozen: bool) -> None:
     upstream = torch.randn(19)
     log_probs = torch.log_softmax(head(hidden), -1)
     full = log_probs.gather(1, targets[:, None]).squeeze(1)
-    logps, entropy = chunked_token_logps_and_entropy(hidden, targets, head, chunk_size=8)
+    logps, entropy = chunked_token_logps_entropy(hidden, targets, head, chunk_size=8)
     assert ("LinearTokenLogps" in type(logps.grad_fn).__name__) == frozen
     torch.testing.assert_close(logps, full, atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(entropy, -(log_probs.exp() * log_probs).sum(-1).detach(), atol=1e-5, rtol=1e-5)

@@ -17,7 +17,7 @@ from tunesmith.config import Config
 from tunesmith.core.lm_loss import count_targets, labelled_states, num_sequences, token_owner
 from tunesmith.data import TokenizedData
 from tunesmith.methods import build_rl_data, save_lm_outputs
-from tunesmith.ops.losses import chunked_token_logps, chunked_token_logps_and_entropy
+from tunesmith.ops.losses import chunked_token_logps, chunked_token_logps_entropy
 from tunesmith.ops.rl import (
     clipped_policy_loss,
     group_advantages,
@@ -91,7 +91,7 @@ class GrpoObjective(RLObjective):
         own_old = old_logps is None
         if own_old:  # one update per step: the policy that sampled is the one being updated
             # the entropy is logged from this pass, from the log-probs' own chunks of logits where the head allows
-            logps, entropy = chunked_token_logps_and_entropy(selected, targets, self._head)  # (tokens,) each
+            logps, entropy = chunked_token_logps_entropy(selected, targets, self._head)  # (tokens,) each
             old_logps = logps.detach()
         else:
             logps = chunked_token_logps(selected, targets, self._head)  # (tokens,)

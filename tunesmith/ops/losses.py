@@ -149,23 +149,6 @@ def chunked_token_logps(
     return torch.cat(parts)
 
 
-def chunked_token_logps_and_entropy(
-    hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk_size: int = 1024
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`chunked_token_logps` (with its gradients) and, detached, the entropy of every row's next-token distribution.
-
-    Under a frozen linear head (LoRA) the entropy comes from the same chunk of logits as the log-probs; any
-    other head takes a second, gradient-free pass for it.
-    """
-    weight = linear_weight(head)
-    if (hidden.shape[0] and weight is not None and not weight.requires_grad and torch.is_grad_enabled()
-            and hidden.requires_grad):
-        logps, entropy = LinearTokenLogps.apply(hidden, weight, targets, chunk_size, True)
-        return logps, entropy
-    return chunked_token_logps(hidden, targets, head, chunk_size), chunked_token_logps_entropy(
-        hidden.detach(), targets, head, chunk_size)[1]
-
-
 class LinearTokenLogps(torch.autograd.Function):
     """log p(target) of each row under a frozen linear head, with each row's gradient computed in forward.
 
@@ -208,9 +191,27 @@ class LinearTokenLogps(torch.autograd.Function):
         return (rows * grad_output[:, None].to(rows.dtype), None, None, None, None)
 
 
-@torch.no_grad()
 def chunked_token_logps_entropy(
     hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) of every row, with its gradient when autograd records `hidden`, and the entropy of every row's
+    next-token distribution, never differentiable: (tokens,) each.
+
+    Without gradients, or under a frozen linear head (LoRA), both come from the same chunks of logits; with
+    gradients through any other head, the log-probs take `chunked_token_logps` and the entropy a second pass.
+    """
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        weight = linear_weight(head)
+        if hidden.shape[0] and weight is not None and not weight.requires_grad:
+            return LinearTokenLogps.apply(hidden, weight, targets, chunk_size, True)
+        return (chunked_token_logps(hidden, targets, head, chunk_size),
+                _logps_entropy(hidden.detach(), targets, head, chunk_size)[1])
+    return _logps_entropy(hidden, targets, head, chunk_size)
+
+
+@torch.no_grad()
+def _logps_entropy(
+    hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Without gradients: log p(target) and the entropy of the next-token distribution at every row: (tokens,) each."""
     logps, entropies = [], []

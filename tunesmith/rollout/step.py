@@ -33,7 +33,7 @@ from tunesmith.core.lm_loss import (
 from tunesmith.core.logs import truncate_metrics
 from tunesmith.eval.generate import Generation, GenerationSettings, generate
 from tunesmith.model.attention import trees_fit
-from tunesmith.ops.losses import chunked_token_logps_entropy, shift_targets
+from tunesmith.ops.losses import chunked_token_logps, chunked_token_logps_entropy, shift_targets
 from tunesmith.rollout.rewards import RewardSet, Scored
 from tunesmith.rollout.sequences import PromptRow, Sequence, collate_sequences, pack_sequences
 
@@ -224,7 +224,7 @@ class RLObjective(nn.Module):
         """Log-probs of the labelled tokens under the reference: (tokens,)."""
         with reference_model(self.policy, self._frozen[0] if self._frozen else None) as (decoder, head):
             selected, targets, _ = labelled_states(decoder, batch["input_ids"], batch["labels"], batch["position_ids"])
-            logps, _ = chunked_token_logps_entropy(selected, targets, head)
+            logps = chunked_token_logps(selected, targets, head)
         return logps
 
     # ---------------------------------------------------------------- eval and samples
