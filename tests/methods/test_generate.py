@@ -203,7 +203,7 @@ def test_lora_decodes_packed_and_merged_and_leaves_the_model_as_it_was(tiny, mon
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert not any(getattr(m, "merged", False) for m in model.modules())
     assert not any(hasattr(m, "_tunesmith_packed_weight") or "forward" in vars(m) for m in model.modules())
-    monkeypatch.setattr(decoding, "_packable", lambda _model: False)  # CUDA / bf16: merged plain weights
+    monkeypatch.setattr(decoding, "_packable", lambda _model, _lora: False)  # CUDA / bf16: merged plain weights
     assert tokens(model) == packed
 
     @contextmanager

@@ -12,6 +12,7 @@ kernel), LoRA is merged into plain weights when it can be (`merged_lora`), else 
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunesmith.model.lora import mergeable_lora_layers, merged_lora, merged_weight
+from tunesmith.model.lora import base_layers_only, mergeable_lora_layers, merged_lora, merged_weight
 
 _PACKED = "_tunesmith_packed_weight"
-_WORKS: dict[str, bool] = {}
 
 
 def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -34,29 +34,27 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 
+@functools.cache
 def can_pack() -> bool:
     """Whether this PyTorch packs linear weights for oneDNN and gets F.linear's results from them (checked once)."""
-    if "cpu" not in _WORKS:
-        try:
-            gen = torch.Generator().manual_seed(0)
-            weight, bias, x = (torch.randn(*shape, generator=gen) for shape in ((24, 16), (24,), (3, 1, 16)))
-            packed = _pack(weight)
-            out = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
-            _WORKS["cpu"] = bool(torch.allclose(out, F.linear(x, weight, bias), atol=1e-4, rtol=1e-4))
-        except (AttributeError, RuntimeError, NotImplementedError):
-            _WORKS["cpu"] = False
-    return _WORKS["cpu"]
+    try:
+        gen = torch.Generator().manual_seed(0)
+        weight, bias, x = (torch.randn(*shape, generator=gen) for shape in ((24, 16), (24,), (3, 1, 16)))
+        out = torch.ops.mkldnn._linear_pointwise(x, _pack(weight), bias, "none", [None], "")
+        return bool(torch.allclose(out, F.linear(x, weight, bias), atol=1e-4, rtol=1e-4))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
 
 
-def _packable(model: nn.Module) -> bool:
-    """CPU float32 linears without hooks of their own, and every merged LoRA layer's base one of them."""
+def _packable(model: nn.Module, lora: list[tuple[nn.Module, list[str]]]) -> bool:
+    """CPU float32 linears without hooks of their own, and every mergeable LoRA layer's base one of them."""
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     return (
         bool(linears)
         and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in linears)
         and not any("forward" in vars(m) for m in linears)  # e.g. accelerate's hooks: leave such models alone
         # a LoRA layer over anything else (GPT-2's Conv1D) must keep its own weight swap: merged_lora handles it
-        and all(type(layer.get_base_layer()) is nn.Linear for layer, _ in mergeable_lora_layers(model))
+        and all(type(layer.get_base_layer()) is nn.Linear for layer, _ in lora)
         and can_pack()
     )
 
@@ -66,15 +64,14 @@ def decoding_weights(model: nn.Module) -> Iterator[str]:
     """Inside (and without gradients): the model's linears on their decoding weights; yields "packed", "merged" or "plain"."""
     if torch.is_grad_enabled():
         raise RuntimeError("decoding_weights is for generation: enter it under torch.no_grad()")
-    if not _packable(model):
+    lora = mergeable_lora_layers(model)
+    if not _packable(model, lora):
         with merged_lora(model) as merged:
             yield "merged" if merged else "plain"
         return
-    lora = mergeable_lora_layers(model)
     merged_into = {id(layer.get_base_layer()): (layer, active) for layer, active in lora}
     unused = {id(m) for layer, active in lora for a in active for m in (layer.lora_A[a], layer.lora_B[a])}
     patched: list[nn.Linear] = []
-    merged_before = [(layer, list(layer.merged_adapters)) for layer, _ in lora]
     try:
         for module in model.modules():
             if type(module) is not nn.Linear or id(module) in unused:
@@ -83,12 +80,9 @@ def decoding_weights(model: nn.Module) -> Iterator[str]:
             setattr(module, _PACKED, _pack(merged_weight(*entry) if entry else module.weight))
             module.forward = types.MethodType(_packed_forward, module)
             patched.append(module)
-        for layer, active in lora:
-            layer.merged_adapters[:] = active  # peft's Linear.forward now runs the (packed, merged) base layer alone
-        yield "packed"
+        with base_layers_only(lora):  # the LoRA layers run their packed, merged base layer alone
+            yield "packed"
     finally:
         for module in patched:
             del module.forward
             delattr(module, _PACKED)
-        for layer, before in merged_before:
-            layer.merged_adapters[:] = before

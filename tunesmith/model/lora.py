@@ -77,15 +77,26 @@ def merged_lora(model: torch.nn.Module) -> Iterator[bool]:
     try:
         for layer, active in layers:
             weight = layer.get_base_layer().weight
-            merged = merged_weight(layer, active)
-            swapped.append((layer, weight, weight.data, list(layer.merged_adapters)))
-            weight.data = merged
-            layer.merged_adapters[:] = active  # peft's Linear.forward now runs the base layer alone
-        yield True
+            swapped.append((weight, weight.data))
+            weight.data = merged_weight(layer, active)
+        with base_layers_only(layers):
+            yield True
     finally:
-        for layer, weight, original, merged_before in swapped:
+        for weight, original in swapped:
             weight.data = original
-            layer.merged_adapters[:] = merged_before
+
+
+@contextmanager
+def base_layers_only(layers: list[tuple[torch.nn.Module, list[str]]]) -> Iterator[None]:
+    """Inside: peft counts these layers' adapters as merged, so their forward runs the base layer alone."""
+    before = [list(layer.merged_adapters) for layer, _ in layers]
+    try:
+        for layer, active in layers:
+            layer.merged_adapters[:] = active
+        yield
+    finally:
+        for (layer, _), merged in zip(layers, before):
+            layer.merged_adapters[:] = merged
 
 
 @torch.no_grad()
