@@ -341,11 +341,10 @@ class _RoomyLayer(DynamicLayer):
         super().__init__()
         self.room = room
         self.key_buffer = self.value_buffer = None
-        if layer.is_initialized and layer.keys is not None and layer.keys.numel():
+        if layer.is_initialized:
             self.lazy_initialization(layer.keys, layer.values)
-            self._grow(layer.keys, layer.values)
-        elif layer.is_initialized:
-            self.lazy_initialization(layer.keys, layer.values)
+            if layer.keys.numel():
+                self._grow(layer.keys, layer.values)
 
     def _grow(self, keys: torch.Tensor, values: torch.Tensor, coming: int = 0) -> None:
         """New buffers holding `keys`/`values` and room for `self.room` (at least `coming`) more tokens."""

@@ -71,7 +71,7 @@ def row_spans(positions: list[int]) -> list[Span]:
             doc = seg = i
             prefix = None
         elif p != positions[i - 1] + 1 and positions[doc] == 0:
-            if prefix is None and seg == doc and 0 < p < i - doc and positions[doc + p] == p:
+            if prefix is None and 0 < p < i - doc and positions[doc + p] == p:  # (no prefix yet: seg == doc)
                 # The first jump back to p: the run so far is the prefix [doc, doc + p), then the first branch.
                 prefix = (doc, doc + p)
                 spans.append((doc, doc + p, doc, doc))

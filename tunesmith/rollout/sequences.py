@@ -5,9 +5,10 @@ labelled; several documents share a row (positions restart, no cross-attention),
 pass scores many completions without padding. With `share_prompts`, the completions of one prompt
 form one tree instead: the prompt but its last token once, then per completion that last token and
 the completion, positions going on from the prompt (`tunesmith.model.attention`). Each completion
-sees exactly what it would see alone, and a group of G answers computes its prompt once, not G times. Per-token values fixed at rollout time (the old
-and reference log-probs, advantages, returns, values) travel with the row, in the order of its
-labelled tokens, which is the order the loss sees them in.
+sees exactly what it would see alone, and a group of G answers computes its prompt once, not G
+times. Per-token values fixed at rollout time (the old and reference log-probs, advantages,
+returns, values) travel with the row, in the order of its labelled tokens, which is the order the
+loss sees them in.
 """
 
 from __future__ import annotations
@@ -94,16 +95,16 @@ def pack_sequences(seqs: list[Sequence], max_length: int, *, share_prompts: bool
         row = SeqRow([], [], [], indices=[], token_fields={}, owners=[])
         for i in members:
             doc = docs[i]
-            shared = doc[0].prompt_ids[:-1] if len(doc) > 1 else []
-            row.input_ids += shared
-            row.labels += [IGNORE_INDEX] * len(shared)
-            row.position_ids += _positions(len(shared))
-            row.owners += [-1] * len(shared)
+            shared = _shared_length(doc)
+            row.input_ids += doc[0].prompt_ids[:shared]
+            row.labels += [IGNORE_INDEX] * shared
+            row.position_ids += _positions(shared)
+            row.owners += [-1] * shared
             for s in doc:
-                ids = s.prompt_ids[len(shared) :] + s.completion_ids
+                ids = s.prompt_ids[shared:] + s.completion_ids
                 row.input_ids += ids
-                row.labels += [IGNORE_INDEX] * (len(s.prompt_ids) - len(shared)) + s.completion_ids
-                row.position_ids += list(range(len(shared), len(shared) + len(ids)))
+                row.labels += [IGNORE_INDEX] * (len(s.prompt_ids) - shared) + s.completion_ids
+                row.position_ids += _positions(shared + len(ids))[shared:]
                 row.owners += [len(row.indices)] * len(ids)
                 row.indices.append(s.index)
                 for name, values in s.token_fields.items():
@@ -112,9 +113,14 @@ def pack_sequences(seqs: list[Sequence], max_length: int, *, share_prompts: bool
     return rows
 
 
+def _shared_length(doc: list[Sequence]) -> int:
+    """Tokens a tree holds once: its prompt but the last token (none for a single document)."""
+    return len(doc[0].prompt_ids) - 1 if len(doc) > 1 else 0
+
+
 def _tree_length(doc: list[Sequence]) -> int:
     """Tokens of a tree: the shared prompt but its last token once, then each completion with that token."""
-    shared = len(doc[0].prompt_ids) - 1 if len(doc) > 1 else 0
+    shared = _shared_length(doc)
     return shared + sum(len(s.prompt_ids) - shared + len(s.completion_ids) for s in doc)
 
 
