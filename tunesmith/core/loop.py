@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,12 +206,27 @@ def evaluate(
 
 @dataclass
 class StepOutcome:
-    """What one training step did: its mean loss, gradient norm, statistic means, and tokens seen (global)."""
+    """What one training step did: its mean loss, gradient norm, statistic means, tokens seen (global), and
+    what its loss was averaged over (tokens or pairs, summed over its updates and ranks)."""
 
     loss: float | None
     grad_norm: float
     stats: dict[str, float]
     tokens: int = 0
+    count: float = 0.0
+
+
+class LoopCallback:
+    """Watches the loop from outside (benchmarks, tests, trackers); every hook does nothing unless overridden."""
+
+    def on_train_begin(self, model: nn.Module, step: int) -> None:
+        """Called once before the first step (`step` > 0 on a resumed run)."""
+
+    def on_step_end(self, step: int, outcome: StepOutcome) -> None:
+        """Called after step `step` (counted from 1) is logged, evaluated and checkpointed."""
+
+    def on_train_end(self, model: nn.Module, result: LoopResult) -> None:
+        """Called once after the last step, before any output is written."""
 
 
 class Updater:
@@ -254,7 +269,7 @@ class Updater:
         self.optimizer.zero_grad(set_to_none=True)
         all_reduce_sum(loss_acc, info)
         return StepOutcome(loss=loss_acc.item() / global_count, grad_norm=float(grad_norm),
-                           stats=_reduce_stats(totals, global_count, info))
+                           stats=_reduce_stats(totals, global_count, info), count=count.item())
 
 
 def train_loop(
@@ -268,6 +283,7 @@ def train_loop(
     info: DistInfo,
     pad_id: int,
     collate_fn: Collate = collate,
+    callbacks: Sequence[LoopCallback] = (),
 ) -> LoopResult:
     """Train `model` through `loss_module` on `train_rows`; resume from run_dir/checkpoints if present."""
     started = time.time()
@@ -308,6 +324,8 @@ def train_loop(
     eval_loss: float | None = None
     window_tokens, window_start, shown = 0, time.time(), state.step
     ddp_module.train()
+    for callback in callbacks:
+        callback.on_train_begin(model, state.step)
 
     try:
         while state.step < steps:
@@ -368,10 +386,12 @@ def train_loop(
                 if hasattr(loss_module, "method_state"):
                     state.method = loss_module.method_state()
                 ckpt.save_checkpoint(ckpt_root, model, optimizer, scheduler, state, info, cfg.keep_checkpoints)
+            for callback in callbacks:
+                callback.on_step_end(state.step, outcome)
     finally:
         logger.close()
 
-    return LoopResult(
+    result = LoopResult(
         steps=state.step,
         total_steps=steps,
         resumed_from=resumed_from,
@@ -382,3 +402,6 @@ def train_loop(
         peak_rss_mb=peak_rss_mb(),
         history=history,
     )
+    for callback in callbacks:
+        callback.on_train_end(model, result)
+    return result

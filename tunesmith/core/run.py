@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import torch
 from tunesmith.config import Config, load_config, save_config
 from tunesmith.core import checkpoint as ckpt
 from tunesmith.core import distributed
-from tunesmith.core.loop import LoopResult, train_loop
+from tunesmith.core.loop import LoopCallback, LoopResult, train_loop
 from tunesmith.data import DataStats
 from tunesmith.errors import TunesmithError
 from tunesmith.eval import in_run
@@ -114,17 +115,18 @@ def check_run_dir(cfg: Config) -> bool:
     return True
 
 
-def train(source: Config | dict[str, Any] | str | Path, overrides: list[str] | None = None) -> RunResult:
-    """Run one fine-tuning job; see `tunesmith.config.Config` for every field."""
+def train(source: Config | dict[str, Any] | str | Path, overrides: list[str] | None = None, *,
+          callbacks: Sequence[LoopCallback] = ()) -> RunResult:
+    """Run one fine-tuning job; see `tunesmith.config.Config` for every field. `callbacks` watch the loop."""
     cfg = load_config(source, overrides)
     info = distributed.setup()
     try:
-        return _train(cfg, info)
+        return _train(cfg, info, callbacks)
     finally:
         distributed.teardown(info)
 
 
-def _train(cfg: Config, info: distributed.DistInfo) -> RunResult:
+def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCallback] = ()) -> RunResult:
     method = get_method(cfg.method)
     resuming = check_run_dir(cfg)
 
@@ -189,6 +191,7 @@ def _train(cfg: Config, info: distributed.DistInfo) -> RunResult:
         info=info,
         pad_id=tokenizer.pad_token_id,
         collate_fn=method.collate,
+        callbacks=callbacks,
     )
 
     outputs: dict[str, str] = {}

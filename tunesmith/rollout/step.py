@@ -109,7 +109,7 @@ class RLObjective(nn.Module):
         train_seqs, method_stats = self.advantages(seqs, scored, group)
         clock.append(time.perf_counter())
 
-        losses, grad_norms, update_stats = [], [], []
+        losses, grad_norms, update_stats, counted = [], [], [], 0.0
         if train_seqs:
             gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + step)
             size = rl.minibatch_size or len(train_seqs)
@@ -123,6 +123,7 @@ class RLObjective(nn.Module):
                     losses.append(outcome.loss)
                     grad_norms.append(outcome.grad_norm)
                     update_stats.append(outcome.stats)
+                    counted += outcome.count
         self.after_step(measured, len(seqs))
         clock.append(time.perf_counter())
 
@@ -145,7 +146,8 @@ class RLObjective(nn.Module):
             self.write_samples(run_dir, step + 1, prompts, generations, scored)
         tokens = sum(len(s.prompt_ids) + len(s.completion_ids) for s in seqs)
         return StepOutcome(loss=statistics.fmean(losses) if losses else None,
-                           grad_norm=statistics.fmean(grad_norms) if grad_norms else 0.0, stats=stats, tokens=tokens)
+                           grad_norm=statistics.fmean(grad_norms) if grad_norms else 0.0, stats=stats, tokens=tokens,
+                           count=counted)
 
     def after_step(self, measured: dict[str, float], num_completions: int) -> None:
         """Hook for state carried between steps (PPO's adaptive KL coefficient)."""
