@@ -178,7 +178,7 @@ def side_result(
 def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
     """DPO with tunesmith (`method: dpo`), timed from the stamps of its metrics.jsonl."""
     import tunesmith
-    import tunesmith.core.run as run_module
+    import tunesmith.run as run_module
 
     run_dir = workdir / "tunesmith-run"
     cfg = {

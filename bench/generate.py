@@ -62,7 +62,7 @@ def count_new(ids: list[int], eos: set[int]) -> list[int]:
 
 def run_tunesmith(model, tokenizer, chats, args) -> tuple[dict, list[list[int]]]:
     """Our `generate` over all prompts; (result line, generated ids per prompt)."""
-    from tunesmith.eval.generate import GenerationSettings, generate
+    from tunesmith.model.generate import GenerationSettings, generate
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     started = time.perf_counter()
@@ -79,7 +79,7 @@ def run_tunesmith(model, tokenizer, chats, args) -> tuple[dict, list[list[int]]]
 
 def run_transformers(model, tokenizer, chats, args, eos: set[int]) -> tuple[dict, list[list[int]]]:
     """A plain `model.generate` loop in data order with left padding; (result line, generated ids per prompt)."""
-    from tunesmith.eval.generate import prompt_ids
+    from tunesmith.model.generate import prompt_ids
 
     encoded = prompt_ids(tokenizer, chats)
     device = next(model.parameters()).device
@@ -122,8 +122,8 @@ def main() -> None:
 
     quiet_libraries()
     from tunesmith.config import LoadConfig
-    from tunesmith.eval.generate import prompt_ids, stop_token_ids
     from tunesmith.model import load_model, load_tokenizer, resolve_model
+    from tunesmith.model.generate import prompt_ids, stop_token_ids
 
     load = LoadConfig()
     resolved = resolve_model(args.model, load)

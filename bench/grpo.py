@@ -206,7 +206,7 @@ def side_result(
 def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
     """GRPO with tunesmith (`method: grpo`), timed from the stamps and time/* fields of its metrics.jsonl."""
     import tunesmith
-    import tunesmith.core.run as run_module
+    import tunesmith.run as run_module
 
     run_dir = workdir / "tunesmith-run"
     completions = PROMPTS_PER_STEP * args.group_size

@@ -147,7 +147,7 @@ def final_train_loss(model: Any, args: argparse.Namespace, workdir: Path) -> flo
     trains (answer tokens for SFT, every token for pretraining): one yardstick for both sides' final models."""
     import torch
 
-    from tunesmith.core.lm_loss import CausalLMLoss
+    from tunesmith.core.next_token import CausalLMLoss
     from tunesmith.data import build_dataset, collate
 
     tokenizer = tokenizer_of(args.model_path)
@@ -188,7 +188,7 @@ def tunesmith_batch_size(args: argparse.Namespace, workdir: Path) -> int:
 def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
     """The job with tunesmith (its defaults: packed rows, passes of train.forward_tokens), timed by its own loop."""
     import tunesmith
-    import tunesmith.core.run as run_module
+    import tunesmith.run as run_module
 
     job = JOBS[args.job]
     train: dict[str, Any] = {

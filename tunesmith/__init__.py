@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
     from tunesmith.config import Config
     from tunesmith.core.loop import LoopCallback
-    from tunesmith.core.run import RunResult
+    from tunesmith.run import RunResult
 
 __all__ = ["TunesmithError", "train", "__version__"]
 __version__ = "0.1.0"
@@ -20,6 +20,6 @@ __version__ = "0.1.0"
 def train(config: Config | dict[str, Any] | str, overrides: list[str] | None = None, *,
           callbacks: Sequence[LoopCallback] = ()) -> RunResult:
     """Run one fine-tuning job from a Config, a dict, or a YAML path (plus `key=value` overrides)."""
-    from tunesmith.core.run import train as _train
+    from tunesmith.run import train as _train
 
     return _train(config, overrides, callbacks=callbacks)

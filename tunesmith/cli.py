@@ -19,7 +19,7 @@ def quiet_libraries() -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from tunesmith.core.run import train
+    from tunesmith.run import train
 
     train(args.config, args.overrides)
     return 0

@@ -276,9 +276,9 @@ def _train_stage(out: Path, method: str, previous: Path, settings: dict) -> Path
 def _evaluate_stage(out: Path, label: str, run: Path) -> dict:
     """The stage's tuned model on the held-out test rows, as the SFT run evaluated its own."""
     from tunesmith.config import LoadConfig
+    from tunesmith.data.examples import load_eval_examples
     from tunesmith.eval.evaluate import evaluate, load_for_eval
-    from tunesmith.eval.examples import load_eval_examples
-    from tunesmith.eval.generate import GenerationSettings
+    from tunesmith.model.generate import GenerationSettings
 
     model, tokenizer, run_dir = load_for_eval(str(run), LoadConfig())
     examples = load_eval_examples(str(out / "data/test.jsonl"))
@@ -290,7 +290,7 @@ def _evaluate_stage(out: Path, label: str, run: Path) -> dict:
 
 def _write_stages_report(out: Path, stages: dict[str, dict], last: Path) -> str:
     """One report with every stage side by side on the same test rows; each is compared with the base."""
-    from tunesmith.eval.examples import load_eval_examples
+    from tunesmith.data.examples import load_eval_examples
     from tunesmith.eval.report import write_report
     from tunesmith.eval.results import EvalResult
 

@@ -131,7 +131,8 @@ def test_shared_prompt_trees_equal_each_answer_alone(tiny_model_dir, lora: bool)
     # log-probs and gradients as one document per answer.
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.core.lm_loss import decoder_and_head, labelled_states
+    from tunesmith.core.next_token import labelled_states
+    from tunesmith.model.parts import decoder_and_head
     from tunesmith.ops.losses import chunked_token_logps
     from tunesmith.rollout.sequences import Sequence, collate_sequences, pack_sequences
 
@@ -178,7 +179,7 @@ def test_shared_prompt_trees_equal_each_answer_alone(tiny_model_dir, lora: bool)
 
 def _labelled_order(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Permutation that sorts the labelled tokens by (completion, place in it)."""
-    from tunesmith.core.lm_loss import token_owner
+    from tunesmith.core.next_token import token_owner
     from tunesmith.ops.losses import shift_targets
 
     positions, _ = shift_targets(batch["labels"])
@@ -190,8 +191,9 @@ def _labelled_order(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def test_trees_refuse_attention_that_cannot_hold_them(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.core.lm_loss import decoder_and_head, labelled_states
+    from tunesmith.core.next_token import labelled_states
     from tunesmith.errors import TunesmithError
+    from tunesmith.model.parts import decoder_and_head
     from tunesmith.rollout.sequences import Sequence, collate_sequences, pack_sequences
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="eager")
@@ -208,8 +210,9 @@ def test_activation_checkpointing_recomputes_under_the_same_layout(tiny_model_di
     # document_attention block: it must still attend per document (and per tree), or the gradients change.
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.core.lm_loss import decoder_and_head, labelled_states
+    from tunesmith.core.next_token import labelled_states
     from tunesmith.model.attention import checkpoint_context
+    from tunesmith.model.parts import decoder_and_head
     from tunesmith.ops.losses import chunked_token_logps
     from tunesmith.rollout.sequences import Sequence, collate_sequences, pack_sequences
 

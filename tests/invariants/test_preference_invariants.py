@@ -13,10 +13,11 @@ from transformers import AutoModelForCausalLM
 
 from tests.conftest import write_jsonl
 from tunesmith.config import DpoConfig, LoraConfig
-from tunesmith.core.lm_loss import answer_logps, decoder_and_head
+from tunesmith.core.next_token import answer_logps
 from tunesmith.data.preference import build_pairs, collate_pairs
 from tunesmith.methods.dpo import DpoLoss
 from tunesmith.model import apply_lora
+from tunesmith.model.parts import decoder_and_head
 from tunesmith.ops.losses import IGNORE_INDEX
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -59,7 +59,7 @@ def test_compare_tuned_beats_base(tuned_run: tuple[Path, Path], tiny_model_dir: 
 def test_limit_and_named_models(tuned_run: tuple[Path, Path], tiny_model_dir: Path, tmp_path: Path) -> None:
     from tunesmith.config import LoadConfig
     from tunesmith.eval.compare import compare
-    from tunesmith.eval.generate import GenerationSettings
+    from tunesmith.model.generate import GenerationSettings
 
     data, run_dir = tuned_run
     report = compare({"base": str(tiny_model_dir), "words": str(run_dir)}, str(data), tmp_path,

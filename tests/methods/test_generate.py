@@ -10,9 +10,9 @@ import torch
 
 from tunesmith.config import LoadConfig
 from tunesmith.errors import TunesmithError
-from tunesmith.eval import generate as generate_module
-from tunesmith.eval.generate import GenerationSettings, generate, prompt_ids
+from tunesmith.model import generate as generate_module
 from tunesmith.model import load_model, load_tokenizer, resolve_model
+from tunesmith.model.generate import GenerationSettings, generate, prompt_ids
 
 # Prompts of very different lengths, so one batch holds a lot of left padding.
 PROMPTS = [

@@ -39,7 +39,7 @@ def _config(model_dir: Path, tmp: Path, method: str, **train) -> dict:
 def test_reward_model_learns_and_loads_back_with_one_call(tmp_path: Path, tiny_model_dir: Path) -> None:
     from transformers import AutoModelForSequenceClassification
 
-    from tunesmith.methods.reward import load_reward_model, score_conversations
+    from tunesmith.model.reward_model import load_reward_model, score_conversations
 
     cfg = _config(tiny_model_dir, tmp_path, "reward", eval_every=1, max_steps=15)
     result = tunesmith.train(cfg)

@@ -33,7 +33,7 @@ def _config(tmp_path: Path, method: str, data: Path) -> dict:
 
 @pytest.mark.slow
 def test_reward_model_on_default_model_scores_as_in_training(tmp_path: Path) -> None:
-    from tunesmith.methods.reward import load_reward_model, score_conversations
+    from tunesmith.model.reward_model import load_reward_model, score_conversations
 
     data = _pairs_file(tmp_path, 6)
     result = tunesmith.train(_config(tmp_path, "reward", data))

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_jsonl
+from tunesmith.data.examples import load_eval_examples
 from tunesmith.errors import TunesmithError
-from tunesmith.eval.examples import load_eval_examples
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 

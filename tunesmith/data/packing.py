@@ -31,14 +31,17 @@ def make_document(input_ids: list[int], labels: list[int]) -> Row:
         labels = list(labels)
     if labels:
         labels[0] = IGNORE_INDEX
-    return Row(input_ids, labels, _positions(len(input_ids)))
+    return Row(input_ids, labels, positions(len(input_ids)))
 
 
 _POSITIONS: list[int] = []
 
 
-def _positions(n: int) -> list[int]:
-    # Slicing one shared list reuses its int objects: millions of tokens, no new ints.
+def positions(n: int) -> list[int]:
+    """Position ids 0..n-1 of one document.
+
+    Slicing one shared list reuses its int objects: millions of tokens, no new ints.
+    """
     if n > len(_POSITIONS):
         _POSITIONS.extend(range(len(_POSITIONS), max(n, 2 * len(_POSITIONS))))
     return _POSITIONS[:n]
@@ -110,7 +113,7 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
         pad = width - len(r.input_ids)
         input_ids.append(r.input_ids + [pad_id] * pad)
         labels.append(r.labels + [IGNORE_INDEX] * pad)
-        position_ids.append(r.position_ids + _positions(pad))
+        position_ids.append(r.position_ids + positions(pad))
     return {
         "input_ids": torch.tensor(input_ids, dtype=torch.long),  # (batch, T)
         "labels": torch.tensor(labels, dtype=torch.long),  # (batch, T)

@@ -23,7 +23,7 @@ import torch
 from tunesmith.data.chat import has_chat_template, render_raw, render_with_spans, tokenize_with_spans
 from tunesmith.data.dataset import DataStats, TokenizedData
 from tunesmith.data.formats import ROLES
-from tunesmith.data.packing import Row, _positions, collate, document_index, pack_bins
+from tunesmith.data.packing import Row, collate, document_index, pack_bins, positions
 from tunesmith.data.readers import load_records
 from tunesmith.errors import TunesmithError
 from tunesmith.ops.losses import IGNORE_INDEX
@@ -275,7 +275,7 @@ def _pair_document(sides: list[tuple[list[int], list[int]]], margin: float) -> P
         side_labels[0] = IGNORE_INDEX  # no token is predicted across the chosen/rejected boundary
         input_ids += ids
         labels += side_labels
-        position_ids += _positions(len(ids))
+        position_ids += positions(len(ids))
     return PairRow(input_ids, labels, position_ids, seq_lens=[len(ids) for ids, _ in sides], margins=[margin])
 
 

@@ -16,7 +16,7 @@ from tunesmith.errors import TunesmithError
 
 if TYPE_CHECKING:  # heavy imports stay out of `tunesmith --help`
     from tunesmith.config import LoadConfig
-    from tunesmith.eval.generate import GenerationSettings
+    from tunesmith.model.generate import GenerationSettings
 
 DEFAULT_METRICS = ["exact_match", "contains"]  # as `tunesmith eval`; evaluate.py imports torch, so not from there
 
@@ -35,8 +35,8 @@ def compare(
     reward_model: str | None = None,
 ) -> Path:
     """Evaluate every model (label -> spec) on the same rows of `data` and write the report; returns report.html."""
+    from tunesmith.data.examples import load_eval_examples
     from tunesmith.eval.evaluate import evaluate, load_for_eval
-    from tunesmith.eval.examples import load_eval_examples
     from tunesmith.eval.report import write_report
 
     if base_label not in models:
@@ -46,7 +46,7 @@ def compare(
     if limit is not None and limit < 1:
         raise TunesmithError(f"--limit: must be at least 1, got {limit}")
     if reward_model is not None:
-        from tunesmith.methods.reward import find_reward_model
+        from tunesmith.model.reward_model import find_reward_model
 
         find_reward_model(reward_model)  # a wrong path fails before any generation
     settings.check()
@@ -149,7 +149,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run `tunesmith compare` from parsed arguments; prints the headline and what it wrote."""
     from tunesmith.config import LoadConfig
-    from tunesmith.eval.generate import GenerationSettings
+    from tunesmith.model.generate import GenerationSettings
 
     models = parse_models(args.base, args.tuned, args.model)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)

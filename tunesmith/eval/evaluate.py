@@ -24,9 +24,9 @@ from tunesmith.config import LoadConfig
 from tunesmith.data.chat import has_chat_template, render_raw, render_with_spans, tokenize_with_spans
 from tunesmith.data.packing import collate, make_document
 from tunesmith.errors import TunesmithError
-from tunesmith.eval.generate import GenerationSettings, generate
 from tunesmith.eval.metrics import check_references, resolve_metrics, score_row
 from tunesmith.eval.results import EvalExample, EvalResult, EvalRow
+from tunesmith.model.generate import GenerationSettings, generate
 from tunesmith.model.loading import ResolvedModel, load_model, load_tokenizer, resolve_model
 
 RESULTS_FILE = "results.json"
@@ -129,7 +129,7 @@ def answer_tokens(tokenizer, examples: list[EvalExample]) -> list[tuple[list[int
 @torch.no_grad()
 def answer_loss(model, tokenizer, examples: list[EvalExample], batch_size: int = 16) -> tuple[float, int] | None:
     """(sum of token losses, number of tokens) over the reference answers; None when no row has one."""
-    from tunesmith.core.lm_loss import CausalLMLoss
+    from tunesmith.core.next_token import CausalLMLoss
 
     documents = [make_document(ids, labels) for ids, labels in answer_tokens(tokenizer, examples)]
     if not documents:
@@ -276,7 +276,7 @@ def run_eval_command(args: Any) -> int:
     settings.check()
     if args.limit is not None and args.limit < 1:
         raise TunesmithError(f"--limit: must be at least 1, got {args.limit}")
-    from tunesmith.eval.examples import load_eval_examples
+    from tunesmith.data.examples import load_eval_examples
 
     examples = load_eval_examples(args.data, args.split)[: args.limit]
     num_with_reference = sum(e.reference is not None for e in examples)

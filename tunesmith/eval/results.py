@@ -9,17 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tunesmith.data.examples import EvalExample
 
-@dataclass
-class EvalExample:
-    """One evaluation row: the conversation up to the answer, and the reference answer if any."""
-
-    index: int  # position in the data file (0-based)
-    location: str  # "test.jsonl line 4": where the row came from, for error messages
-    messages: list[dict[str, str]]  # the prompt conversation, ending in a user turn
-    reference: str | None  # the expected answer (last assistant turn, completion or answer field)
-    prompt: str  # the prompt shown in reports: the last user message
-    fields: dict[str, Any] = field(default_factory=dict)  # other fields of the record, for user metrics
+__all__ = ["EvalExample", "EvalResult", "EvalRow"]
 
 
 @dataclass

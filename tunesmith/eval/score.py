@@ -23,7 +23,7 @@ def score_file(reward_model: str, data: str, out: str | Path | None = None, *, b
     """Score every row (prompt + answer) or every pair (chosen and rejected) of `data`; writes JSONL to `out`."""
     from tunesmith.data.preference import is_preference_record, normalise_pairs
     from tunesmith.data.readers import load_records
-    from tunesmith.methods.reward import load_reward_model, score_conversations
+    from tunesmith.model.reward_model import load_reward_model, score_conversations
 
     if batch_size < 1:
         raise TunesmithError(f"--batch-size: must be at least 1, got {batch_size}")
@@ -69,7 +69,7 @@ def score_file(reward_model: str, data: str, out: str | Path | None = None, *, b
 
 
 def _examples(data: str, split: str) -> list[EvalExample]:
-    from tunesmith.eval.examples import load_eval_examples
+    from tunesmith.data.examples import load_eval_examples
 
     return load_eval_examples(data, split)
 
@@ -81,7 +81,7 @@ def _conv(prompt: list[dict], answer: str) -> list[dict]:
 def add_reward_scores(results: list[EvalResult], examples: list[EvalExample], reward_model: str,
                       batch_size: int = 8) -> None:
     """Score every model's generated answers with the reward model: a `reward` score per row and its mean."""
-    from tunesmith.methods.reward import load_reward_model, score_conversations
+    from tunesmith.model.reward_model import load_reward_model, score_conversations
 
     model, tokenizer = load_reward_model(reward_model)
     by_index = {e.index: e for e in examples}

@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from tunesmith.config import Config, DpoConfig
-from tunesmith.core.lm_loss import answer_logps, decoder_and_head, frozen_copy, reference_model, unwrap
+from tunesmith.core.next_token import answer_logps
 from tunesmith.data import TokenizedData
 from tunesmith.data.preference import collate_pairs, count_pairs
 from tunesmith.methods import build_pair_data, save_lm_outputs
+from tunesmith.model.parts import decoder_and_head, frozen_copy, reference_model, unwrap
 from tunesmith.ops import preference as losses
 from tunesmith.ops.preference import sft_term
 

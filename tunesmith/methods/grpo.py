@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from tunesmith.config import Config
-from tunesmith.core.lm_loss import count_targets, labelled_states, num_sequences, token_owner
+from tunesmith.core.next_token import count_targets, labelled_states, num_sequences, token_owner
 from tunesmith.data import TokenizedData
 from tunesmith.methods import build_rl_data, save_lm_outputs
 from tunesmith.ops.losses import chunked_token_logps, chunked_token_logps_entropy

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from tunesmith.config import Config
-from tunesmith.core.lm_loss import count_targets, labelled_states, unwrap
+from tunesmith.core.next_token import count_targets, labelled_states
 from tunesmith.data import TokenizedData
 from tunesmith.methods import build_rl_data, save_lm_outputs
+from tunesmith.model.parts import unwrap
 from tunesmith.ops.losses import chunked_token_logps
 from tunesmith.ops.rl import AdaptiveKLController, clipped_policy_loss, clipped_value_loss, gae, kl_k1, whiten
 from tunesmith.rollout.rewards import Scored

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from tunesmith.config import Config
-from tunesmith.core.lm_loss import CausalLMLoss
+from tunesmith.core.next_token import CausalLMLoss
 from tunesmith.data import TokenizedData, collate
 from tunesmith.methods import build_lm_data, save_lm_outputs
 

@@ -6,7 +6,6 @@ interrupted save never leaves a half-written folder under the final name.
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import uuid
@@ -15,9 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from tunesmith.errors import TunesmithError
+from tunesmith.model.lora import merged_state_dict
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -119,23 +117,15 @@ def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, out_dir: 
 def save_merged(model: PeftModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
     """Save the base model with the LoRA update folded into its weights, as HF safetensors plus the tokenizer.
 
-    `model` is left exactly as it was: each adapted layer is merged into a copy of its weight (with peft's own
-    merge code) and the original tensors are put back, so training or evaluation can go on with the adapter.
-    The merged weights are gathered on the CPU, in the base model's dtype; peak extra memory is about one CPU
-    copy of the adapted layers. Models with other peft wrappers (modules_to_save, ...) are deep-copied and merged
-    with `merge_and_unload` instead.
+    `model` is left exactly as it was (`merged_state_dict` merges into copies of the adapted weights), so training
+    or evaluation can go on with the adapter. The merged weights are gathered on the CPU, in the base model's dtype;
+    peak extra memory is about one CPU copy of the adapted layers.
     """
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):
         raise TypeError(f"save_merged needs a PeftModel (from apply_lora), got {type(model).__name__}; use save_full")
-    state_dict = _merged_state_dict(model)
-    if state_dict is None:
-        merged = copy.deepcopy(model).merge_and_unload()
-        with atomic_dir(out_dir) as tmp, _saved_with_cache_on(merged):
-            merged.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        return Path(out_dir)
+    state_dict = merged_state_dict(model)
     base = model.get_base_model()
     with atomic_dir(out_dir) as tmp, _saved_with_cache_on(base):
         base.save_pretrained(tmp, state_dict=state_dict)
@@ -153,70 +143,3 @@ def save_full(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_di
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return Path(out_dir)
-
-
-# ---------------------------------------------------------------- merging without touching the model
-
-
-@torch.no_grad()
-def _merged_state_dict(model: PeftModel) -> dict[str, torch.Tensor] | None:
-    """The base model's state dict under its original names, LoRA layers merged; None if other tuners are present."""
-    from peft.tuners.lora import LoraLayer
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils import ModulesToSaveWrapper
-
-    base = model.get_base_model()
-    lora_layers: dict[str, LoraLayer] = {}
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer):
-            lora_layers[name] = module
-        elif isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
-            return None
-
-    merged: dict[str, torch.Tensor] = {}
-    for name, layer in lora_layers.items():
-        base_layer = layer.get_base_layer()
-        params = {p: getattr(base_layer, p) for p in ("weight", "bias") if getattr(base_layer, p, None) is not None}
-        originals = {p: param.data for p, param in params.items()}
-        merged_before = list(layer.merged_adapters)
-        try:
-            if not merged_before:  # already-merged layers hold the merged weight
-                for p, param in params.items():
-                    param.data = originals[p].clone()
-                layer.merge()
-            for p, param in params.items():
-                merged[f"{name}.{p}"] = param.data.to("cpu")
-        finally:
-            for p, param in params.items():
-                param.data = originals[p]
-            layer.merged_adapters[:] = merged_before
-
-    state_dict: dict[str, torch.Tensor] = {}
-    for key, tensor in base.state_dict().items():
-        owner = _owning_layer(key, lora_layers)
-        if owner is None:
-            state_dict[key] = tensor
-            continue
-        rest = key[len(owner) + 1 :]
-        if rest.startswith("base_layer."):  # lora_A / lora_B / magnitude entries are dropped
-            clean = f"{owner}.{rest[len('base_layer.'):]}"
-            state_dict[clean] = merged.get(clean, tensor)
-
-    tied = getattr(base, "all_tied_weights_keys", None) or {}
-    for target, source in tied.items():
-        if target in merged or source in merged:
-            raise TunesmithError(
-                f"cannot merge: the adapter changes {target if target in merged else source!r}, which this model ties "
-                f"to {source if target in merged else target!r}; leave embeddings and lm_head out of "
-                "lora.target_modules (e.g. 'all-linear'), or save only the adapter (output.merge=false)"
-            )
-    return state_dict
-
-
-def _owning_layer(key: str, layers: dict[str, object]) -> str | None:
-    parts = key.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        prefix = ".".join(parts[:i])
-        if prefix in layers:
-            return prefix
-    return None

@@ -99,27 +99,105 @@ def base_layers_only(layers: list[tuple[torch.nn.Module, list[str]]]) -> Iterato
             layer.merged_adapters[:] = merged
 
 
+def active_adapters(layer: torch.nn.Module) -> list[str]:
+    """The adapters of a LoRA layer that its forward applies now."""
+    held = {*layer.lora_A, *getattr(layer, "lora_embedding_A", {})}
+    return [a for a in layer.active_adapters if a in held]
+
+
+def _plain(layer: torch.nn.Module, active: list[str]) -> bool:
+    """A LoRA linear whose adapters are `scale·B·A` alone (no DoRA or other variant, no bias of their own)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    return type(layer) is LoraLinear and not any(a in layer.lora_variant or layer.lora_bias.get(a) for a in active)
+
+
 @torch.no_grad()
 def merged_weight(layer: torch.nn.Module, active: list[str]) -> torch.Tensor:
-    """A new tensor `W + sum of scale·B·A` over the active adapters of a plain LoRA linear (one pass over W)."""
-    merged = layer.get_base_layer().weight.detach()
-    for adapter in active:
-        a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-        if layer.fan_in_fan_out:  # weights stored (in, out), as GPT-2's Conv1D
-            merged = torch.addmm(merged, a.t(), b.t(), alpha=layer.scaling[adapter])
-        else:
-            merged = torch.addmm(merged, b, a, alpha=layer.scaling[adapter])
-    return merged
+    """A new tensor: the layer's base weight with its `active` adapters folded in, the layer left as it was.
+
+    A plain LoRA linear is `W + sum of scale·B·A` in one pass over W; any other LoRA layer (DoRA, embeddings,
+    convolutions) is merged by peft's own code into a copy of W, which is then put back.
+    """
+    weight = layer.get_base_layer().weight
+    if _plain(layer, active):
+        merged = weight.detach()
+        for adapter in active:
+            a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            if layer.fan_in_fan_out:  # weights stored (in, out), as GPT-2's Conv1D
+                merged = torch.addmm(merged, a.t(), b.t(), alpha=layer.scaling[adapter])
+            else:
+                merged = torch.addmm(merged, b, a, alpha=layer.scaling[adapter])
+        return merged
+    original, merged_before = weight.data, list(layer.merged_adapters)
+    try:
+        weight.data = original.clone()
+        layer.merge(adapter_names=active)
+        return weight.data
+    finally:
+        weight.data = original
+        layer.merged_adapters[:] = merged_before
+
+
+@torch.no_grad()
+def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict under its original names, each LoRA layer's active adapters merged into its
+    weight (on the CPU, in the weight's dtype); the model itself is left exactly as it was."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    base = model.get_base_model()
+    lora_layers: dict[str, torch.nn.Module] = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            if any(module.lora_bias.values()):
+                raise TunesmithError(f"cannot merge {name!r}: its LoRA adapter trains a bias; save only the adapter")
+            lora_layers[name] = module
+        elif isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+            raise TunesmithError(f"cannot merge {name!r}: it is a {type(module).__name__}, and only LoRA adapters merge; "
+                                 "save only the adapter (output.merge=false)")
+    merged = {}
+    for name, layer in lora_layers.items():
+        # an already-merged layer holds its merged weight
+        weight = layer.get_base_layer().weight if layer.merged else merged_weight(layer, active_adapters(layer))
+        merged[f"{name}.weight"] = weight.detach().to("cpu")
+
+    state_dict: dict[str, torch.Tensor] = {}
+    for key, tensor in base.state_dict().items():
+        owner = _owning_layer(key, lora_layers)
+        if owner is None:
+            state_dict[key] = tensor
+            continue
+        rest = key[len(owner) + 1 :]
+        if rest.startswith("base_layer."):  # lora_A / lora_B / magnitude entries are dropped
+            clean = f"{owner}.{rest[len('base_layer.'):]}"
+            state_dict[clean] = merged.get(clean, tensor)
+
+    tied = getattr(base, "all_tied_weights_keys", None) or {}
+    for target, source in tied.items():
+        if target in merged or source in merged:
+            raise TunesmithError(
+                f"cannot merge: the adapter changes {target if target in merged else source!r}, which this model ties "
+                f"to {source if target in merged else target!r}; leave embeddings and lm_head out of "
+                "lora.target_modules (e.g. 'all-linear'), or save only the adapter (output.merge=false)"
+            )
+    return state_dict
+
+
+def _owning_layer(key: str, layers: dict[str, object]) -> str | None:
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in layers:
+            return prefix
+    return None
 
 
 def mergeable_lora_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, list[str]]]:
     """The LoRA layers `merged_lora` can merge with their active adapters, or [] when any layer rules merging out."""
-    try:
-        from peft.tuners.lora import Linear as LoraLinear
-        from peft.tuners.lora import LoraLayer
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:
-        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     layers = []
     uses: dict[int, int] = {}  # how many modules hold each parameter: a tied weight must not be swapped
     for module in model.modules():
@@ -128,13 +206,13 @@ def mergeable_lora_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module,
     for module in model.modules():
         if not isinstance(module, BaseTunerLayer):
             continue
-        if type(module) is not LoraLinear or not isinstance(module, LoraLayer):
-            return []  # DoRA-free plain LoRA linears only; anything else keeps the adapter's own forward
-        active = [a for a in module.active_adapters if a in module.lora_A]
+        if not hasattr(module, "lora_A"):
+            return []  # another tuner: it keeps its own forward
+        active = active_adapters(module)
         weight = module.get_base_layer().weight
-        if (module.disable_adapters or module.merged or not active or weight.dtype != torch.float32
-                or uses.get(id(weight), 0) > 1  # e.g. an adapted lm_head tied to the input embeddings
-                or any(a in module.lora_variant or module.lora_bias.get(a) for a in active)):
+        if (not _plain(module, active)  # DoRA-free plain LoRA linears only
+                or module.disable_adapters or module.merged or not active or weight.dtype != torch.float32
+                or uses.get(id(weight), 0) > 1):  # e.g. an adapted lm_head tied to the input embeddings
             return []
         layers.append((module, active))
     return layers

@@ -16,9 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tunesmith.errors import TunesmithError
-from tunesmith.eval.metrics import exact_match as _exact
-from tunesmith.eval.metrics import json_equal as _json_equal
-from tunesmith.eval.metrics import normalise
+from tunesmith.scoring import exact_match as _exact
+from tunesmith.scoring import import_module_of, normalise
+from tunesmith.scoring import json_equal as _json_equal
 
 RewardFn = Callable[..., Sequence[float]]
 
@@ -78,8 +78,6 @@ def resolve_reward(spec: str) -> RewardFn:
             raise TunesmithError(f"rl.rewards: {spec!r}: length_penalty needs a positive number of characters, e.g. length_penalty:200")
         return length_penalty(int(text))
     if ":" in spec:
-        from tunesmith.eval.metrics import import_module_of
-
         module_name, _, attr = spec.rpartition(":")
         fn = getattr(import_module_of(module_name, spec, kind="reward"), attr, None)
         if not callable(fn):
@@ -110,7 +108,7 @@ class RewardSet:
         self.reward_model_weight = reward_model_weight
         self._rm = None
         if reward_model is not None:
-            from tunesmith.methods.reward import find_reward_model
+            from tunesmith.model.reward_model import find_reward_model
 
             find_reward_model(reward_model)  # a wrong path fails before the model loads
 
@@ -148,7 +146,7 @@ class RewardSet:
         return Scored(total=total, parts=parts)
 
     def _reward_model_scores(self, conversations: list[list[dict]], completions: list[str]) -> list[float]:
-        from tunesmith.methods.reward import load_reward_model, score_conversations
+        from tunesmith.model.reward_model import load_reward_model, score_conversations
 
         if self._rm is None:
             self._rm = load_reward_model(self.reward_model_path)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tunesmith.data.dataset import DataStats, TokenizedData
-from tunesmith.data.packing import Row, _positions, collate, pack_bins
+from tunesmith.data.packing import Row, collate, pack_bins, positions
 from tunesmith.errors import TunesmithError
 from tunesmith.ops.losses import IGNORE_INDEX
 
@@ -41,8 +41,8 @@ class PromptRow:
 def build_prompts(source: str, tokenizer, *, max_length: int, max_new_tokens: int, split: str = "train") -> TokenizedData:
     """Prompt rows from any prompt-bearing data: prompt (with or without an answer), or messages ending in a user turn
     (or in an assistant turn, which becomes the reference answer)."""
-    from tunesmith.eval.examples import load_eval_examples
-    from tunesmith.eval.generate import prompt_ids
+    from tunesmith.data.examples import load_eval_examples
+    from tunesmith.model.generate import prompt_ids
 
     examples = load_eval_examples(source, split)
     encoded = prompt_ids(tokenizer, [e.messages for e in examples])
@@ -98,13 +98,13 @@ def pack_sequences(seqs: list[Sequence], max_length: int, *, share_prompts: bool
             shared = _shared_length(doc)
             row.input_ids += doc[0].prompt_ids[:shared]
             row.labels += [IGNORE_INDEX] * shared
-            row.position_ids += _positions(shared)
+            row.position_ids += positions(shared)
             row.owners += [-1] * shared
             for s in doc:
                 ids = s.prompt_ids[shared:] + s.completion_ids
                 row.input_ids += ids
                 row.labels += [IGNORE_INDEX] * (len(s.prompt_ids) - shared) + s.completion_ids
-                row.position_ids += _positions(shared + len(ids))[shared:]
+                row.position_ids += positions(shared + len(ids))[shared:]
                 row.owners += [len(row.indices)] * len(ids)
                 row.indices.append(s.index)
                 for name, values in s.token_fields.items():

@@ -22,17 +22,11 @@ import torch
 from torch import nn
 
 from tunesmith.config import Config
-from tunesmith.core.lm_loss import (
-    decoder_and_head,
-    frozen_copy,
-    labelled_states,
-    reference_model,
-    token_owner,
-    unwrap,
-)
 from tunesmith.core.logs import truncate_metrics
-from tunesmith.eval.generate import Generation, GenerationSettings, generate
+from tunesmith.core.next_token import labelled_states, token_owner
 from tunesmith.model.attention import trees_fit
+from tunesmith.model.generate import Generation, GenerationSettings, generate
+from tunesmith.model.parts import decoder_and_head, frozen_copy, reference_model, unwrap
 from tunesmith.ops.losses import chunked_token_logps, chunked_token_logps_entropy, shift_targets
 from tunesmith.rollout.rewards import RewardSet, Scored
 from tunesmith.rollout.sequences import PromptRow, Sequence, collate_sequences, pack_sequences

@@ -1,4 +1,5 @@
-"""Read evaluation rows: a prompt conversation and, where the data has one, the reference answer.
+"""Read held-out rows (for evaluation, and the prompts of RL): a prompt conversation and, where the data has
+one, the reference answer.
 
 Every training format works (prompt/completion or prompt/answer, messages, alpaca, sharegpt),
 read and normalised by `tunesmith.data` exactly as for training; the last assistant turn is the
@@ -7,6 +8,9 @@ field alone, or `messages`/`conversations` ending in a user turn; their referenc
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
 
 from tunesmith.data.formats import (
     COMPLETION_FIELDS,
@@ -17,7 +21,19 @@ from tunesmith.data.formats import (
 )
 from tunesmith.data.readers import load_records
 from tunesmith.errors import TunesmithError
-from tunesmith.eval.results import EvalExample
+
+
+@dataclass
+class EvalExample:
+    """One evaluation row: the conversation up to the answer, and the reference answer if any."""
+
+    index: int  # position in the data file (0-based)
+    location: str  # "test.jsonl line 4": where the row came from, for error messages
+    messages: list[dict[str, str]]  # the prompt conversation, ending in a user turn
+    reference: str | None  # the expected answer (last assistant turn, completion or answer field)
+    prompt: str  # the prompt shown in reports: the last user message
+    fields: dict[str, Any] = field(default_factory=dict)  # other fields of the record, for user metrics
+
 
 PROMPT_ONLY = "prompt"  # rows with a `prompt` field and no answer field
 # The fields each format reads; everything else in a record goes to EvalExample.fields.

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers.cache_utils import DynamicLayer
 
-from tunesmith.core.lm_loss import unwrap
 from tunesmith.data.chat import has_chat_template, render_chat
 from tunesmith.errors import TunesmithError
 from tunesmith.model.decoding import decoding_weights
+from tunesmith.model.parts import unwrap
 
 
 @dataclass(kw_only=True)
