@@ -17,8 +17,6 @@ import yaml
 
 from tunesmith.errors import TunesmithError
 
-METHODS = ("sft", "pretrain", "reward", "dpo", "grpo", "ppo")
-
 
 def _doc(text: str) -> dict[str, str]:
     return {"doc": text}

@@ -154,8 +154,7 @@ def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCall
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora)
     lm = model
-    if hasattr(method, "wrap_model"):
-        model = method.wrap_model(model, cfg)
+    model = method.wrap_model(model, cfg)
     trainable, total = count_parameters(model)
 
     run_dir = Path(cfg.output_dir)
@@ -177,10 +176,9 @@ def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCall
     distributed.barrier(info)
 
     loss_module = method.loss_module(model, cfg, tokenizer)
-    if hasattr(method, "prepare"):
-        for data in (train_data, eval_data):
-            if data is not None:
-                method.prepare(loss_module, data, cfg, info)
+    for data in (train_data, eval_data):
+        if data is not None:
+            method.prepare(loss_module, data, cfg, info)
     loop = train_loop(
         model=model,
         loss_module=loss_module,

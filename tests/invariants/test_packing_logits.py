@@ -7,6 +7,7 @@ import torch
 
 from tunesmith.data import collate
 from tunesmith.data.packing import make_document, pack_rows
+from tunesmith.model import attention
 
 ATOL = 1e-5
 
@@ -15,9 +16,9 @@ ATOL = 1e-5
 def model(request, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        tiny_model_dir, dtype=torch.float32, attn_implementation=request.param
-    )
+    # "sdpa" as tunesmith loads it: under the name of its own per-document SDPA
+    name = attention.register() if request.param == "sdpa" else request.param
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=name)
     return model.eval()
 
 
@@ -81,7 +82,7 @@ def test_per_document_attention_equals_the_masked_path_in_value_and_gradient(tin
 
     from tunesmith.model import attention
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attention.register())
     vocab = model.config.vocab_size
     packed = pack_rows([make_document(d, d) for d in _documents([17, 5, 30, 1, 9], vocab, seed=4)], max_length=64)
     rows = packed + [make_document(d, d) for d in _documents([12, 3], vocab, seed=5)]  # padded rows too
@@ -134,9 +135,9 @@ def test_shared_prompt_trees_equal_each_answer_alone(tiny_model_dir, lora: bool)
     from tunesmith.core.next_token import labelled_states
     from tunesmith.model.parts import decoder_and_head
     from tunesmith.ops.losses import chunked_token_logps
-    from tunesmith.rollout.sequences import Sequence, collate_sequences, pack_sequences
+    from tunesmith.rollout.sequences import Completion, collate_sequences, pack_sequences
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attention.register())
     if lora:
         import peft
 
@@ -147,7 +148,7 @@ def test_shared_prompt_trees_equal_each_answer_alone(tiny_model_dir, lora: bool)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (7, 11, 1)]
-    seqs = [Sequence(prompts[i // 3], torch.randint(3, vocab, (2 + i,), generator=gen).tolist(), i) for i in range(9)]
+    seqs = [Completion(prompts[i // 3], torch.randint(3, vocab, (2 + i,), generator=gen).tolist(), i) for i in range(9)]
     decoder, head = decoder_and_head(model)
     out = {}
     for share in (False, True):
@@ -194,10 +195,10 @@ def test_trees_refuse_attention_that_cannot_hold_them(tiny_model_dir):
     from tunesmith.core.next_token import labelled_states
     from tunesmith.errors import TunesmithError
     from tunesmith.model.parts import decoder_and_head
-    from tunesmith.rollout.sequences import Sequence, collate_sequences, pack_sequences
+    from tunesmith.rollout.sequences import Completion, collate_sequences, pack_sequences
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="eager")
-    seqs = [Sequence([5, 6, 7, 8], [9, 10, 11], i) for i in range(3)]
+    seqs = [Completion([5, 6, 7, 8], [9, 10, 11], i) for i in range(3)]
     batch = collate_sequences(pack_sequences(seqs, 64, share_prompts=True), pad_id=0)
     decoder, _ = decoder_and_head(model)
     with pytest.raises(TunesmithError, match="'eager'.*rl.share_prompts: false"):
@@ -214,13 +215,13 @@ def test_activation_checkpointing_recomputes_under_the_same_layout(tiny_model_di
     from tunesmith.model.attention import checkpoint_context
     from tunesmith.model.parts import decoder_and_head
     from tunesmith.ops.losses import chunked_token_logps
-    from tunesmith.rollout.sequences import Sequence, collate_sequences, pack_sequences
+    from tunesmith.rollout.sequences import Completion, collate_sequences, pack_sequences
 
     gen = torch.Generator().manual_seed(8)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attention.register())
     vocab = model.config.vocab_size
     prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (6, 9)]
-    seqs = [Sequence(prompts[i // 3], torch.randint(3, vocab, (3 + i,), generator=gen).tolist(), i) for i in range(6)]
+    seqs = [Completion(prompts[i // 3], torch.randint(3, vocab, (3 + i,), generator=gen).tolist(), i) for i in range(6)]
     batch = collate_sequences(pack_sequences(seqs, 64, share_prompts=trees), pad_id=0)
 
     def grads(checkpointed: bool) -> list[torch.Tensor]:
@@ -245,13 +246,14 @@ def test_trees_are_only_used_where_every_layer_can_hold_them():
 
     from tunesmith.model.attention import trees_fit
 
-    def config(cls, attention="sdpa", **kw):
+    def config(cls, implementation=attention.ATTENTION, **kw):
         c = cls(**kw)
-        c._attn_implementation = attention
+        c._attn_implementation = implementation
         return c
 
     assert trees_fit(config(LlamaConfig), 4096)
     assert not trees_fit(config(LlamaConfig, "eager"), 4096)
+    assert not trees_fit(config(LlamaConfig, "sdpa"), 4096)  # transformers' own SDPA: no per-document calls
     assert not trees_fit(config(Gemma2Config), 512)  # logit softcapping in attention
     assert trees_fit(config(MistralConfig, sliding_window=4096), 2048)  # the window holds a whole row
     assert not trees_fit(config(MistralConfig, sliding_window=1024), 2048)

@@ -165,3 +165,30 @@ def test_saving_again_replaces_the_folder_atomically(trained_lora, tmp_path: Pat
     with pytest.raises(KeyboardInterrupt):
         save_merged(model, tokenizer, tmp_path / "merged")
     assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no half folder, no temp left behind
+
+
+@pytest.mark.parametrize("kind", ["dora", "embedding"])
+def test_one_merge_covers_dora_and_embedding_adapters(tiny_model_dir: Path, kind: str) -> None:
+    """merged_state_dict, the one merge every output uses, folds in LoRA layers beyond plain linears too."""
+    import peft
+
+    from tunesmith.model.lora import merged_state_dict
+
+    model, _ = _load(tiny_model_dir)
+    config = (peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True)
+              if kind == "dora" else peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]))
+    adapted = peft.get_peft_model(model, config).eval()
+    _perturb_lora(adapted)
+    before = {k: v.clone() for k, v in adapted.state_dict().items()}
+    expected = _logits(adapted)
+    if kind == "embedding":  # the tiny model ties its embeddings to the head: merging must refuse, clearly
+        with pytest.raises(TunesmithError, match="ties"):
+            merged_state_dict(adapted)
+        assert all(torch.equal(before[k], v) for k, v in adapted.state_dict().items()), "the model was changed"
+        return
+    state = merged_state_dict(adapted)
+    assert all(torch.equal(before[k], v) for k, v in adapted.state_dict().items()), "the model was changed"
+    plain, _ = _load(tiny_model_dir)
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # a tied head is not saved twice
+    torch.testing.assert_close(_logits(plain), expected, atol=1e-4, rtol=1e-4)

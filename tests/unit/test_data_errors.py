@@ -18,8 +18,8 @@ def _error(fn, *args, **kwargs) -> str:
     return str(info.value)
 
 
-def _build(path: Path, tok, method: str = "sft", **kwargs) -> str:
-    return _error(build_dataset, str(path), tok, method=method, max_length=kwargs.pop("max_length", 256),
+def _build(path: Path, tok, labels: str = "assistant", **kwargs) -> str:
+    return _error(build_dataset, str(path), tok, labels=labels, max_length=kwargs.pop("max_length", 256),
                   packing=True, **kwargs)
 
 
@@ -194,10 +194,10 @@ def test_image_parts_are_refused(tiny_tokenizer, tmp_path):
 
 def test_method_and_format_must_agree(tiny_tokenizer, tmp_path):
     pc = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "p", "completion": "c"}])
-    msg = _build(pc, tiny_tokenizer, method="pretrain")
+    msg = _build(pc, tiny_tokenizer, labels="all")
     assert str(pc) in msg and "prompt_completion data" in msg and "use method: sft" in msg
     text = write_jsonl(tmp_path / "t.jsonl", [{"text": "t"}])
-    msg = _build(text, tiny_tokenizer, method="sft")
+    msg = _build(text, tiny_tokenizer, labels="assistant")
     assert str(text) in msg and "plain text data" in msg and "use method: pretrain" in msg
 
 
@@ -211,7 +211,7 @@ def test_every_sample_dropped(tiny_tokenizer, tmp_path):
 
 def test_bad_arguments(tiny_tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "t"}])
-    assert "data.overflow" in _build(path, tiny_tokenizer, method="pretrain", overflow="cut")
-    assert "data.format" in _build(path, tiny_tokenizer, method="pretrain", format="chatml")
-    assert "train.max_length" in _build(path, tiny_tokenizer, method="pretrain", max_length=1)
-    assert "method" in _build(path, tiny_tokenizer, method="dpo")
+    assert "data.overflow" in _build(path, tiny_tokenizer, labels="all", overflow="cut")
+    assert "data.format" in _build(path, tiny_tokenizer, labels="all", format="chatml")
+    assert "train.max_length" in _build(path, tiny_tokenizer, labels="all", max_length=1)
+    assert "method" in _build(path, tiny_tokenizer, labels="pairs")

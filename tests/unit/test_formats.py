@@ -71,8 +71,8 @@ def test_alpaca_and_sharegpt_render_like_messages(tiny_tokenizer, tmp_path):
     alpaca = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Add", "input": "1 2", "output": "3"}])
     sharegpt = write_jsonl(tmp_path / "s.jsonl", [{"conversations": [
         {"from": "human", "value": "Add\n\n1 2"}, {"from": "gpt", "value": "3"}]}])
-    a = build_dataset(str(alpaca), tiny_tokenizer, method="sft", max_length=128, packing=False)
-    s = build_dataset(str(sharegpt), tiny_tokenizer, method="sft", max_length=128, packing=False)
+    a = build_dataset(str(alpaca), tiny_tokenizer, labels="assistant", max_length=128, packing=False)
+    s = build_dataset(str(sharegpt), tiny_tokenizer, labels="assistant", max_length=128, packing=False)
     assert a.rows == s.rows
     assert (a.stats.format, s.stats.format) == ("alpaca", "sharegpt")
 
@@ -80,7 +80,7 @@ def test_alpaca_and_sharegpt_render_like_messages(tiny_tokenizer, tmp_path):
 def test_pretrain_documents(tiny_tokenizer, tmp_path):
     texts = ["short text", "another short one"]
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts])
-    data = build_dataset(str(path), tiny_tokenizer, method="pretrain", max_length=128, packing=False)
+    data = build_dataset(str(path), tiny_tokenizer, labels="all", max_length=128, packing=False)
     for text, row in zip(texts, data.rows):
         body = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
         ids = [tiny_tokenizer.bos_token_id, *body, tiny_tokenizer.eos_token_id]
@@ -93,7 +93,7 @@ def test_pretrain_splits_long_texts_without_losing_tokens(tiny_tokenizer, tmp_pa
     long_text = " ".join(f"token{i}" for i in range(300))
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": long_text}, {"text": "tail"}, {"text": ""}])
     max_length = 50
-    data = build_dataset(str(path), tiny_tokenizer, method="pretrain", max_length=max_length, packing=False,
+    data = build_dataset(str(path), tiny_tokenizer, labels="all", max_length=max_length, packing=False,
                          overflow="drop")
     ids = [tiny_tokenizer.bos_token_id, *tiny_tokenizer(long_text, add_special_tokens=False)["input_ids"],
            tiny_tokenizer.eos_token_id]
@@ -111,12 +111,12 @@ def test_pretrain_splits_long_texts_without_losing_tokens(tiny_tokenizer, tmp_pa
 
 def test_pretrain_prefers_text_when_records_also_hold_messages(tiny_tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "plain", "messages": MESSAGES}])
-    assert build_dataset(str(path), tiny_tokenizer, method="pretrain", max_length=64, packing=True).stats.format == "text"
-    assert build_dataset(str(path), tiny_tokenizer, method="sft", max_length=64, packing=True).stats.format == "messages"
+    assert build_dataset(str(path), tiny_tokenizer, labels="all", max_length=64, packing=True).stats.format == "text"
+    assert build_dataset(str(path), tiny_tokenizer, labels="assistant", max_length=64, packing=True).stats.format == "messages"
 
 
 def test_stats_and_summary(tiny_tokenizer, sft_file):
-    data = build_dataset(str(sft_file), tiny_tokenizer, method="sft", max_length=256, packing=True)
+    data = build_dataset(str(sft_file), tiny_tokenizer, labels="assistant", max_length=256, packing=True)
     stats = data.stats
     assert (stats.num_records, stats.num_documents, stats.format) == (16, 16, "prompt_completion")
     assert stats.num_rows == len(data.rows) < 16

@@ -210,7 +210,7 @@ def test_template_exception_becomes_a_clear_error(tiny_tokenizer):
 
 def test_every_assistant_turn_trained_in_built_rows(tiny_tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": SYSTEM_CHAT}, {"messages": CHAT}])
-    data = build_dataset(str(path), tiny_tokenizer, method="sft", max_length=512, packing=False)
+    data = build_dataset(str(path), tiny_tokenizer, labels="assistant", max_length=512, packing=False)
     trained = [_runs(r.input_ids, r.labels, tiny_tokenizer)[0] for r in data.rows]
     assert trained == [
         ["Seven.<|im_end|>", "Eleven.<|im_end|>", "You are welcome.<|im_end|>"],
@@ -221,7 +221,7 @@ def test_every_assistant_turn_trained_in_built_rows(tiny_tokenizer, tmp_path):
 
 def test_prompt_completion_uses_chat_template(tiny_tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Say hi", "completion": "hi there"}])
-    (row,) = build_dataset(str(path), tiny_tokenizer, method="sft", max_length=512, packing=False).rows
+    (row,) = build_dataset(str(path), tiny_tokenizer, labels="assistant", max_length=512, packing=False).rows
     assert tiny_tokenizer.decode(row.input_ids) == (
         "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\nhi there<|im_end|>\n"
     )
@@ -232,7 +232,7 @@ def test_without_chat_template_prompt_completion_is_raw(tiny_tokenizer, tmp_path
     tok = copy.deepcopy(tiny_tokenizer)
     tok.chat_template = None
     path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Q: two plus two?\nA:", "completion": " four"}])
-    (row,) = build_dataset(str(path), tok, method="sft", max_length=512, packing=False).rows
+    (row,) = build_dataset(str(path), tok, labels="assistant", max_length=512, packing=False).rows
     prompt_ids = tok("Q: two plus two?\nA:", add_special_tokens=False)["input_ids"]
     completion_ids = tok(" four", add_special_tokens=False)["input_ids"]
     assert row.input_ids == [tok.bos_token_id, *prompt_ids, *completion_ids, tok.eos_token_id]
@@ -244,21 +244,21 @@ def test_without_chat_template_multi_turn_is_an_error(tiny_tokenizer, tmp_path):
     tok.chat_template = None
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": SYSTEM_CHAT}])
     with pytest.raises(TunesmithError, match=r"chat\.jsonl line 1: the tokenizer has no chat template"):
-        build_dataset(str(path), tok, method="sft", max_length=512, packing=False)
+        build_dataset(str(path), tok, labels="assistant", max_length=512, packing=False)
 
 
 def test_truncation_keeps_the_head_and_counts(tiny_tokenizer, tmp_path):
     long_answer = " ".join(["word"] * 200)
     rows = [{"prompt": "short", "completion": "ok"}, {"prompt": "long", "completion": long_answer}]
     path = write_jsonl(tmp_path / "pc.jsonl", rows)
-    full = build_dataset(str(path), tiny_tokenizer, method="sft", max_length=4096, packing=False)
-    data = build_dataset(str(path), tiny_tokenizer, method="sft", max_length=64, packing=False)
+    full = build_dataset(str(path), tiny_tokenizer, labels="assistant", max_length=4096, packing=False)
+    data = build_dataset(str(path), tiny_tokenizer, labels="assistant", max_length=64, packing=False)
     assert data.stats.num_truncated == 1 and data.stats.num_dropped == 0
     assert data.rows[0] == full.rows[0]
     assert data.rows[1].input_ids == full.rows[1].input_ids[:64]
     assert data.rows[1].labels == full.rows[1].labels[:64]
 
-    dropped = build_dataset(str(path), tiny_tokenizer, method="sft", max_length=64, packing=False, overflow="drop")
+    dropped = build_dataset(str(path), tiny_tokenizer, labels="assistant", max_length=64, packing=False, overflow="drop")
     assert dropped.stats.num_dropped == 1 and dropped.stats.num_truncated == 0
     assert dropped.rows == [full.rows[0]]
 
@@ -266,5 +266,5 @@ def test_truncation_keeps_the_head_and_counts(tiny_tokenizer, tmp_path):
 def test_truncation_that_cuts_the_whole_response_drops_the_sample(tiny_tokenizer, tmp_path):
     rows = [{"prompt": "x " * 100, "completion": "late"}, {"prompt": "a", "completion": "b"}]
     path = write_jsonl(tmp_path / "pc.jsonl", rows)
-    data = build_dataset(str(path), tiny_tokenizer, method="sft", max_length=32, packing=False)
+    data = build_dataset(str(path), tiny_tokenizer, labels="assistant", max_length=32, packing=False)
     assert data.stats.num_dropped == 1 and data.stats.num_truncated == 0 and len(data.rows) == 1

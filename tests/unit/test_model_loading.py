@@ -16,6 +16,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.model import (
     ResolvedModel,
     atomic_dir,
+    attention,
     default_device,
     load_model,
     load_tokenizer,
@@ -47,7 +48,7 @@ def test_local_folder_resolves_and_loads_float32_sdpa(tiny_model_dir: Path) -> N
     assert tokenizer.pad_token is not None and tokenizer.chat_template
     model = load_model(resolved, load, device=CPU)
     assert model.dtype == torch.float32
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == attention.ATTENTION  # SDPA, through tunesmith's per-document path
     assert model.config.use_cache is False
     assert _logits(model).shape == (2, 6, model.config.vocab_size)
 
@@ -173,3 +174,16 @@ def test_atomic_dir_replaces_whole_folders_and_cleans_up(tmp_path: Path) -> None
         (tmp / "half.txt").write_text("half")
         raise RuntimeError("interrupted")
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_loading_leaves_transformers_sdpa_to_other_models(tiny_model_dir: Path) -> None:
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    tunesmith_model = load_model(resolve_model(str(tiny_model_dir), LoadConfig()), LoadConfig(), device=CPU)
+    theirs = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    assert AttentionInterface._global_mapping["sdpa"] is sdpa_attention_forward
+    assert theirs.config._attn_implementation == "sdpa"
+    assert tunesmith_model.config._attn_implementation == attention.ATTENTION
+    # what a saved model says stays loadable everywhere: the implementation is not written to config.json
+    assert attention.ATTENTION not in json.dumps(tunesmith_model.config.to_dict())

@@ -88,7 +88,7 @@ def test_collate_pads_into_its_own_document():
 
 
 def test_counted_tokens_equal_labels_and_never_cross_documents(tiny_tokenizer, sft_file):
-    data = build_dataset(str(sft_file), tiny_tokenizer, method="sft", max_length=128, packing=True)
+    data = build_dataset(str(sft_file), tiny_tokenizer, labels="assistant", max_length=128, packing=True)
     batch = collate(data.rows, tiny_tokenizer.pad_token_id)
     labels, positions = batch["labels"], batch["position_ids"]  # (batch, T)
     # the caller's shift: hidden[t] predicts token t+1 where labels[t+1] != -100
@@ -99,8 +99,8 @@ def test_counted_tokens_equal_labels_and_never_cross_documents(tiny_tokenizer, s
 
 
 def test_packed_and_unpacked_hold_the_same_documents(tiny_tokenizer, sft_file):
-    packed = build_dataset(str(sft_file), tiny_tokenizer, method="sft", max_length=128, packing=True)
-    single = build_dataset(str(sft_file), tiny_tokenizer, method="sft", max_length=128, packing=False)
+    packed = build_dataset(str(sft_file), tiny_tokenizer, labels="assistant", max_length=128, packing=True)
+    single = build_dataset(str(sft_file), tiny_tokenizer, labels="assistant", max_length=128, packing=False)
     assert len(single.rows) == 16 and len(packed.rows) < 16
     assert all(r.position_ids == list(range(len(r.input_ids))) for r in single.rows)
     found = Counter(tuple(ids) for r in packed.rows for ids, _ in _split_at_restarts(r))

@@ -124,7 +124,7 @@ def test_preference_data_given_to_sft_names_the_methods(tiny_tokenizer, tmp_path
 
     path = write_jsonl(tmp_path / "pairs.jsonl", [_shapes()["strings"]])
     with pytest.raises(TunesmithError, match="method: dpo or method: reward"):
-        build_dataset(str(path), tiny_tokenizer, method="sft", max_length=64, packing=True)
+        build_dataset(str(path), tiny_tokenizer, labels="assistant", max_length=64, packing=True)
 
 
 def test_inspect_understands_pairs(tiny_tokenizer, tmp_path) -> None:

@@ -60,7 +60,7 @@ def test_values_reach_the_rendered_text_unchanged(kind, tiny_tokenizer, tmp_path
     assert [r["prompt"] for r in records] == [f"say {v}" for v in TRICKY]
     assert [r["completion"] for r in records] == [f"{v}|{v}" for v in TRICKY]
 
-    data = build_dataset(str(path), tiny_tokenizer, method="sft", max_length=512, packing=False)
+    data = build_dataset(str(path), tiny_tokenizer, labels="assistant", max_length=512, packing=False)
     for v, row in zip(TRICKY, data.rows):
         text = tiny_tokenizer.decode(row.input_ids)
         assert text == f"<|im_start|>user\nsay {v}<|im_end|>\n<|im_start|>assistant\n{v}|{v}<|im_end|>\n"
@@ -70,7 +70,7 @@ def test_values_reach_the_rendered_text_unchanged(kind, tiny_tokenizer, tmp_path
 def test_pretrain_text_unchanged(kind, tiny_tokenizer, tmp_path):
     values = [v for v in TRICKY if v]  # empty texts are skipped by pretraining
     path = WRITERS[kind](tmp_path / "data", [{"text": v} for v in values])
-    data = build_dataset(str(path), tiny_tokenizer, method="pretrain", max_length=512, packing=False)
+    data = build_dataset(str(path), tiny_tokenizer, labels="all", max_length=512, packing=False)
     assert [tiny_tokenizer.decode(r.input_ids) for r in data.rows] == [f"<|im_start|>{v}<|im_end|>" for v in values]
 
 

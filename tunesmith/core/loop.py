@@ -5,14 +5,14 @@ normalised over everything counted in the global batch (tokens for next-token me
 preference methods; across accumulation steps and ranks), periodic eval, atomic checkpoints with
 exact resume, and logs.
 
-The loss module's forward returns (loss_sum, count, stats) where `stats` maps names to sums over the
-batch; its `count(batch)` says what one step's loss is averaged over, before the forward runs.
+What the loop calls on the module it trains is written down in `tunesmith.core.contract.Objective`.
 """
 
 from __future__ import annotations
 
 import math
 import resource
+import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -25,9 +25,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tunesmith.config import TrainConfig
 from tunesmith.core import checkpoint as ckpt
+from tunesmith.core.contract import Objective, StepOutcome
 from tunesmith.core.distributed import DistInfo, all_reduce_sum
 from tunesmith.core.logs import RunLogger, truncate_metrics
 from tunesmith.data import Row, collate
+from tunesmith.ops.losses import perplexity
 
 Collate = Callable[[list, int], dict[str, torch.Tensor]]
 
@@ -139,7 +141,8 @@ def forward_groups(rows: list[Row], limit: int | None) -> list[list[Row]]:
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -176,7 +179,7 @@ def _reduce_stats(total: dict[str, torch.Tensor], count: float, info: DistInfo) 
 
 @torch.no_grad()
 def evaluate(
-    loss_module: nn.Module, rows: list[Row], batch_size: int, pad_id: int, info: DistInfo, collate_fn: Collate = collate
+    loss_module: Objective, rows: list[Row], batch_size: int, pad_id: int, info: DistInfo, collate_fn: Collate = collate
 ) -> dict[str, float]:
     """Mean loss per counted item (and perplexity, for next-token losses) over `rows`, sharded across ranks."""
     was_training = loss_module.training
@@ -197,23 +200,11 @@ def evaluate(
     total = max(count.item(), 1.0)
     mean = loss_sum.item() / total
     result = {"eval_loss": mean}
-    if getattr(loss_module, "reports_perplexity", False):
-        result["eval_ppl"] = math.exp(min(mean, 50.0))
+    if loss_module.reports_perplexity:
+        result["eval_ppl"] = perplexity(mean)
     result.update({f"eval_{k}": v for k, v in _reduce_stats(totals, total, info).items()})
     return result
 
-
-
-@dataclass
-class StepOutcome:
-    """What one training step did: its mean loss, gradient norm, statistic means, tokens seen (global), and
-    what its loss was averaged over (tokens or pairs, summed over its updates and ranks)."""
-
-    loss: float | None
-    grad_norm: float
-    stats: dict[str, float]
-    tokens: int = 0
-    count: float = 0.0
 
 
 class LoopCallback:
@@ -230,22 +221,30 @@ class LoopCallback:
 
 
 class Updater:
-    """One optimizer update from micro-batches: the loss is normalised over everything the loss module counts
-    in all of them (and on every rank), gradients are clipped, AdamW steps. The scheduler is the loop's."""
+    """The loop's `StepTools`: optimizer updates from micro-batches or rows, and the eval loss.
 
-    def __init__(self, ddp_module: nn.Module, loss_module: nn.Module, optimizer: torch.optim.Optimizer,
-                 trainable: list[nn.Parameter], max_grad_norm: float | None, info: DistInfo) -> None:
+    An update normalises the loss over everything the objective counts in all its micro-batches (and on
+    every rank), clips gradients and steps AdamW. The scheduler is the loop's.
+    """
+
+    def __init__(self, ddp_module: nn.Module, objective: Objective, optimizer: torch.optim.Optimizer,
+                 trainable: list[nn.Parameter], cfg: TrainConfig, info: DistInfo, pad_id: int, collate_fn: Collate,
+                 run_dir: Path | None) -> None:
         self.ddp_module = ddp_module
-        self.loss_module = loss_module
+        self.objective = objective
         self.optimizer = optimizer
         self.trainable = trainable
-        self.max_grad_norm = max_grad_norm
+        self.cfg = cfg
         self.info = info
+        self.pad_id = pad_id
+        self.collate_fn = collate_fn
+        self.run_dir = run_dir
+        self.forward_tokens = cfg.forward_tokens or DEFAULT_FORWARD_TOKENS.get(info.device.type)
 
-    def __call__(self, micro: list[dict[str, torch.Tensor]]) -> StepOutcome:
+    def update(self, micro: list[dict[str, torch.Tensor]]) -> StepOutcome:
         """Forward and backward every micro-batch, then clip and step; returns the update's loss and statistics."""
         info = self.info
-        count = torch.tensor([sum(self.loss_module.count(mb) for mb in micro)], dtype=torch.float64, device=info.device)
+        count = torch.tensor([sum(self.objective.count(mb) for mb in micro)], dtype=torch.float64, device=info.device)
         all_reduce_sum(count, info)
         global_count = max(count.item(), 1.0)
         loss_acc = torch.zeros((), dtype=torch.float64, device=info.device)
@@ -261,8 +260,8 @@ class Updater:
             loss_acc += loss_sum.detach().double()
             _sum_stats(totals, stats, info.device)
         grad_norm = (
-            torch.nn.utils.clip_grad_norm_(self.trainable, self.max_grad_norm)
-            if self.max_grad_norm is not None
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
+            if self.cfg.max_grad_norm is not None
             else torch.zeros(())
         )
         self.optimizer.step()
@@ -271,11 +270,32 @@ class Updater:
         return StepOutcome(loss=loss_acc.item() / global_count, grad_norm=float(grad_norm),
                            stats=_reduce_stats(totals, global_count, info), count=count.item())
 
+    def update_rows(self, rows: list[Row]) -> StepOutcome:
+        """One update from this rank's rows of the step: batch_size rows per accumulation step, each split into
+        forward passes of at most `forward_tokens` padded tokens; the outcome counts the step's tokens."""
+        size = self.cfg.batch_size
+        micro = [
+            self.collate_fn(group, self.pad_id)
+            for i in range(0, len(rows), size)
+            for group in forward_groups(rows[i : i + size], self.forward_tokens)
+        ]
+        outcome = self.update(micro)
+        tokens = torch.tensor([sum(len(r.input_ids) for r in rows)], dtype=torch.float64, device=self.info.device)
+        all_reduce_sum(tokens, self.info)
+        outcome.tokens = int(tokens.item())
+        return outcome
+
+    def eval_loss(self, rows: list[Row]) -> dict[str, float]:
+        """Mean loss per counted item over `rows` (see `evaluate`)."""
+        # the objective itself, not its DDP wrapper: DDP's forward syncs buffers with the other ranks,
+        # and ranks whose eval shards hold different numbers of batches would wait on each other
+        return evaluate(self.objective, rows, self.cfg.batch_size, self.pad_id, self.info, self.collate_fn)
+
 
 def train_loop(
     *,
     model: nn.Module,
-    loss_module: nn.Module,
+    loss_module: Objective,
     train_rows: list[Row],
     eval_rows: list[Row] | None,
     cfg: TrainConfig,
@@ -313,12 +333,9 @@ def train_loop(
         logger.write(f"resumed from checkpoint at step {resumed_from}")
     order = RowOrder(len(train_rows), cfg.batch_size * cfg.grad_accum * info.world_size, cfg.seed)
     per_rank = cfg.batch_size * cfg.grad_accum
-    forward_tokens = cfg.forward_tokens or DEFAULT_FORWARD_TOKENS.get(info.device.type)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    update = Updater(ddp_module, loss_module, optimizer, trainable, cfg.max_grad_norm, info)
-    custom_step = getattr(loss_module, "train_step", None)
-    if custom_step is not None and hasattr(loss_module, "load_method_state"):
-        loss_module.load_method_state(state.method)
+    tools = Updater(ddp_module, loss_module, optimizer, trainable, cfg, info, pad_id, collate_fn, run_dir)
+    loss_module.load_method_state(state.method)
     history: list[dict] = []
     final_loss: float | None = None
     eval_loss: float | None = None
@@ -331,19 +348,7 @@ def train_loop(
         while state.step < steps:
             rows = order.step_rows(state.step)
             mine = [train_rows[i] for i in rows[info.rank * per_rank : (info.rank + 1) * per_rank]]
-            if custom_step is not None:
-                # e.g. RL: roll out, score, then one or more updates through `update`
-                outcome = custom_step(mine, step=state.step, update=update, run_dir=run_dir)
-            else:
-                micro = [
-                    collate_fn(group, pad_id)
-                    for i in range(0, per_rank, cfg.batch_size)
-                    for group in forward_groups(mine[i : i + cfg.batch_size], forward_tokens)
-                ]
-                outcome = update(micro)
-                tokens = torch.tensor([sum(len(r.input_ids) for r in mine)], dtype=torch.float64, device=info.device)
-                all_reduce_sum(tokens, info)
-                outcome.tokens = int(tokens.item())
+            outcome = loss_module.train_step(mine, step=state.step, tools=tools)
             scheduler.step()
             state.step += 1
             state.tokens_seen += outcome.tokens
@@ -371,20 +376,14 @@ def train_loop(
                 window_tokens, window_start, shown = 0, time.time(), state.step
 
             if eval_rows and ((cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == steps):
-                if hasattr(loss_module, "evaluate_rows"):  # e.g. RL: the mean reward on held-out prompts
-                    ev = loss_module.evaluate_rows(eval_rows, step=state.step)
-                else:
-                    # the module itself, not its DDP wrapper: DDP's forward syncs buffers with the other ranks,
-                    # and ranks whose eval shards hold different numbers of batches would wait on each other
-                    ev = evaluate(loss_module, eval_rows, cfg.batch_size, pad_id, info, collate_fn)
+                ev = loss_module.evaluate_rows(eval_rows, step=state.step, tools=tools)
                 eval_loss = ev.get("eval_loss", eval_loss)
                 history.append({"step": state.step, **ev})
                 logger.log(state.step, ev)
                 logger.write(f"step {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items() if k in _ON_EVAL_LINE))
 
             if ckpt_root is not None and cfg.save_every and state.step % cfg.save_every == 0 and state.step < steps:
-                if hasattr(loss_module, "method_state"):
-                    state.method = loss_module.method_state()
+                state.method = loss_module.method_state()
                 ckpt.save_checkpoint(ckpt_root, model, optimizer, scheduler, state, info, cfg.keep_checkpoints)
             for callback in callbacks:
                 callback.on_step_end(state.step, outcome)

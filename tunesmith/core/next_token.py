@@ -7,11 +7,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tunesmith.core.contract import Objective
 from tunesmith.model.parts import decoder_and_head, packed_hidden
 from tunesmith.ops.losses import IGNORE_INDEX, chunked_cross_entropy_sum, chunked_token_logps, shift_targets
 
 
-class CausalLMLoss(nn.Module):
+class CausalLMLoss(Objective):
     """Wraps a causal LM so one forward returns (sum of token losses, number of counted tokens).
 
     The whole loss lives inside `forward` so DDP sees every parameter use in one call.
@@ -33,8 +34,7 @@ class CausalLMLoss(nn.Module):
         loss_sum = chunked_cross_entropy_sum(selected, targets, self._head, self.chunk_size)
         return loss_sum, torch.tensor(targets.numel(), device=selected.device), {}
 
-    @staticmethod
-    def count(batch: dict[str, torch.Tensor]) -> int:
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
         """What the loss is averaged over: trained next-token positions."""
         return count_targets(batch["labels"])
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from tunesmith.errors import TunesmithError
 from tunesmith.ops.losses import IGNORE_INDEX
 
-Span = tuple[int, int]  # [start, end) character offsets in the rendered text
+CharSpan = tuple[int, int]  # [start, end) character offsets in the rendered text
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -30,7 +30,7 @@ def render_and_mask(messages: list[dict], tokenizer) -> tuple[list[int], list[in
     return ids, labels
 
 
-def render_with_spans(messages: list[dict], tokenizer, where: str) -> tuple[str, list[Span]]:
+def render_with_spans(messages: list[dict], tokenizer, where: str) -> tuple[str, list[CharSpan]]:
     """The full rendered text and the character span of every assistant turn."""
     if not has_chat_template(tokenizer):
         raise TunesmithError(
@@ -38,7 +38,7 @@ def render_with_spans(messages: list[dict], tokenizer, where: str) -> tuple[str,
             "model whose tokenizer ships one (an -Instruct/-Chat model) or set tokenizer.chat_template"
         )
     full = render_chat(messages, tokenizer, False, where)
-    spans: list[Span] = []
+    spans: list[CharSpan] = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -67,7 +67,7 @@ def render_with_spans(messages: list[dict], tokenizer, where: str) -> tuple[str,
 
 
 def tokenize_with_spans(
-    texts: Sequence[str], spans: Sequence[list[Span]], tokenizer
+    texts: Sequence[str], spans: Sequence[list[CharSpan]], tokenizer
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Tokenize rendered texts (batched) and label the tokens that start inside a span."""
     if getattr(tokenizer, "is_fast", False):
@@ -118,7 +118,7 @@ def render_chat(messages: list[dict], tokenizer, add_generation_prompt: bool, wh
     return text
 
 
-def _labels_from_offsets(ids: list[int], offsets: Sequence[tuple[int, int]], spans: list[Span]) -> list[int]:
+def _labels_from_offsets(ids: list[int], offsets: Sequence[tuple[int, int]], spans: list[CharSpan]) -> list[int]:
     labels = [IGNORE_INDEX] * len(ids)
     starts = [start for start, _ in offsets]  # non-decreasing
     for span_start, span_end in spans:
@@ -127,7 +127,7 @@ def _labels_from_offsets(ids: list[int], offsets: Sequence[tuple[int, int]], spa
     return labels
 
 
-def _tokenize_pieces(text: str, spans: list[Span], tokenizer) -> tuple[list[int], list[int]]:
+def _tokenize_pieces(text: str, spans: list[CharSpan], tokenizer) -> tuple[list[int], list[int]]:
     edges = sorted({0, len(text), *(e for span in spans for e in span)})
     ids: list[int] = []
     labels: list[int] = []

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 from tqdm import tqdm
 
@@ -21,7 +23,12 @@ from tunesmith.errors import TunesmithError
 
 log = logging.getLogger(__name__)
 
-METHODS = ("pretrain", "sft")
+# Which tokens of a sample carry labels, as a next-token method's file says (methods/sft.py, methods/pretrain.py):
+# "all": plain text, every token trained, long texts split into max_length blocks;
+# "assistant": prompts and chats, the assistant's tokens trained (every assistant turn), long samples cut or dropped.
+Labels = Literal["all", "assistant"]
+LABELS: tuple[str, ...] = typing.get_args(Labels)
+METHOD_OF_LABELS = {"all": "pretrain", "assistant": "sft"}  # the method that learns so, named in advice to the user
 OVERFLOWS = ("truncate", "drop")
 _BATCH = 1024  # records per tokenizer call: the Rust tokenizer works on a batch in parallel
 _BAR_FROM = 4 * _BATCH  # show a progress bar when tokenizing at least this many records
@@ -79,16 +86,20 @@ def build_dataset(
     source: str,
     tokenizer,
     *,
-    method: str,
+    labels: Labels,
     max_length: int,
     packing: bool,
     overflow: str = "truncate",
     format: str = "auto",
     split: str = "train",
 ) -> TokenizedData:
-    """Read `source` and return the token rows `method` trains on (packed into max_length rows when `packing`)."""
-    if method not in METHODS:
-        raise TunesmithError(f"method: build_dataset makes data for {' or '.join(METHODS)}, got {method!r}")
+    """Read `source` and return its token rows, `labels` saying which tokens are trained (packed into max_length
+    rows when `packing`)."""
+    if labels not in LABELS:
+        raise TunesmithError(
+            "labels: build_dataset makes data for a next-token method, "
+            + " or ".join(f"{k!r} (method {m})" for k, m in METHOD_OF_LABELS.items()) + f"; got {labels!r}"
+        )
     if overflow not in OVERFLOWS:
         raise TunesmithError(f"data.overflow: expected truncate or drop, got {overflow!r}")
     if max_length < 2:
@@ -97,11 +108,11 @@ def build_dataset(
         raise TunesmithError(f"data.format: expected auto or one of {', '.join(FORMATS)}, got {format!r}")
 
     records = load_records(source, split)
-    fmt = choose_format(records, source, format, method)
-    check_method(fmt, method, source)
+    fmt = choose_format(records, source, format, labels)
+    check_format(fmt, labels, source)
     normalised = normalise_records(records, fmt, source)
-    samples = tokenize_samples(normalised, tokenizer, method)
-    if method == "pretrain":
+    samples = tokenize_samples(normalised, tokenizer, labels)
+    if labels == "all":
         documents, counts = _pretrain_documents(samples, source, max_length, overflow)
     else:
         documents, counts = _sft_documents(samples, source, max_length, overflow)
@@ -120,23 +131,23 @@ def build_dataset(
     return TokenizedData(rows=rows, stats=stats)
 
 
-def choose_format(records: list, source: str, format: str, method: str) -> str:
-    """The format to read `records` as: the one given, or the detected one (text first for pretrain)."""
+def choose_format(records: list, source: str, format: str, labels: Labels) -> str:
+    """The format to read `records` as: the one given, or the detected one (text first when every token trains)."""
     if format != "auto":
         return format
-    if method == "pretrain" and "text" in candidate_formats(records, source):
+    if labels == "all" and "text" in candidate_formats(records, source):
         return "text"  # records holding both `text` and e.g. `messages`: pretraining wants the text
     return detect_format(records, source)
 
 
-def check_method(fmt: str, method: str, source: str) -> None:
+def check_format(fmt: str, labels: Labels, source: str) -> None:
     """Refuse formats the method cannot learn from, naming the method that can."""
-    if method == "pretrain" and fmt != "text":
+    if labels == "all" and fmt != "text":
         raise TunesmithError(
             f"{source}: method pretrain learns from plain text (field 'text'), but this is {fmt} data; "
             "for prompt -> response pairs or chats use method: sft"
         )
-    if method == "sft" and fmt == "text":
+    if labels == "assistant" and fmt == "text":
         raise TunesmithError(
             f"{source}: method sft learns from prompts and responses (prompt/completion, messages, alpaca or "
             "sharegpt fields), but this is plain text data (field 'text'); for plain text use method: pretrain"
@@ -144,10 +155,10 @@ def check_method(fmt: str, method: str, source: str) -> None:
 
 
 def tokenize_samples(
-    normalised: list[tuple[dict, str]], tokenizer, method: str
+    normalised: list[tuple[dict, str]], tokenizer, labels: Labels
 ) -> list[tuple[list[int], list[int], str]]:
     """(input_ids, labels, location) of every record before max_length applies; the first label is always -100."""
-    if method == "pretrain":
+    if labels == "all":
         return _tokenize_texts(normalised, tokenizer)
     if has_chat_template(tokenizer):
         return _tokenize_chats(normalised, tokenizer)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tunesmith.data.chat import IGNORE_INDEX
-from tunesmith.data.dataset import tokenize_samples
+from tunesmith.data.dataset import METHOD_OF_LABELS, tokenize_samples
 from tunesmith.data.formats import FORMATS, detect_format, normalise_records
 from tunesmith.data.preference import is_preference_record, normalise_pairs, tokenize_pair_side
 from tunesmith.data.readers import load_records
@@ -25,7 +25,8 @@ def inspect_data(
     if format == "auto" and records and all(is_preference_record(r[0] if isinstance(r, tuple) else r) for r in records):
         return _inspect_pairs(source, records, tokenizer, max_length)
     fmt = format if format != "auto" else detect_format(records, source)
-    method = "pretrain" if fmt == "text" else "sft"  # plain text is pretraining data, the rest sft data
+    labels = "all" if fmt == "text" else "assistant"  # plain text is pretraining data, the rest sft data
+    method = METHOD_OF_LABELS[labels]
     normalised = normalise_records(records, fmt, source)
     how = "given" if format != "auto" else "detected"
     lines = [f"data:    {source}", f"format:  {fmt} ({how}; trains with method: {method})", f"records: {len(records):,}"]
@@ -36,13 +37,13 @@ def inspect_data(
                   "give --model M to count tokens, see truncation at max_length and the trained tokens"]
         return "\n".join(lines)
 
-    samples = tokenize_samples(normalised, tokenizer, method)
+    samples = tokenize_samples(normalised, tokenizer, labels)
     lengths = [len(ids) for ids, _, _ in samples]
     num_tokens = sum(lengths)
     num_trained = sum(len(labels) - labels.count(IGNORE_INDEX) for _, labels, _ in samples)
     share = 100 * num_trained / num_tokens if num_tokens else 0.0
     num_long = sum(1 for n in lengths if n > max_length)
-    if method == "pretrain":
+    if labels == "all":
         fate = "pretrain splits them into chunks of max_length; nothing is lost"
     else:
         fate = "truncated with data.overflow=truncate, dropped with overflow=drop"

@@ -85,10 +85,8 @@ def compare(
 
 def _check_metrics(metrics: list[str]) -> None:
     """Unknown metrics fail before any model loads."""
-    try:
-        from tunesmith.eval.metrics import resolve_metrics
-    except ImportError:  # pragma: no cover - evaluate() checks them itself
-        return
+    from tunesmith.eval.metrics import resolve_metrics
+
     resolve_metrics(metrics)
 
 

@@ -28,6 +28,7 @@ from tunesmith.eval.metrics import check_references, resolve_metrics, score_row
 from tunesmith.eval.results import EvalExample, EvalResult, EvalRow
 from tunesmith.model.generate import GenerationSettings, generate
 from tunesmith.model.loading import ResolvedModel, load_model, load_tokenizer, resolve_model
+from tunesmith.model.lora import merged_state_dict
 
 RESULTS_FILE = "results.json"
 DEFAULT_METRICS = ["exact_match", "contains"]
@@ -92,8 +93,11 @@ def _load_adapter(run: Path, spec: str, load: LoadConfig, device: torch.device |
         with warnings.catch_warnings():
             # peft probes a property transformers has deprecated; the warning says nothing to our users
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            # Folded into the weights: generation then runs at the plain model's speed.
-            model = peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+            adapted = peft.PeftModel.from_pretrained(model, str(adapter))
+        # Folded into the weights: generation then runs at the plain model's speed.
+        merged = merged_state_dict(adapted)
+        model = adapted.unload()
+        model.load_state_dict(merged)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise TunesmithError(f"run folder {spec!r}: could not apply {adapter} to {base_spec!r}: {exc}") from exc
     if (adapter / "tokenizer_config.json").is_file():  # saved with the adapter, chat template included

@@ -1,15 +1,16 @@
-"""Training methods: each file holds what is its own (data, loss module, outputs); the loop is shared.
+"""Training methods: each file holds what is its own (data, objective, outputs); the loop is shared.
 
-A method module provides:
-  NAME; GENERATES (True when the tuned model generates, so the base-vs-tuned report applies);
-  build_data(cfg, tokenizer, source) -> TokenizedData;
-  collate(rows, pad_id) -> batch;
-  loss_module(model, cfg, tokenizer) -> a module whose forward(**batch) returns (loss_sum, count, stats_sums)
-      and whose `count(batch)` is what the loss is averaged over;
-  save_outputs(model, tokenizer, cfg, run_dir) -> {name: path};
-and optionally
-  wrap_model(model, cfg) -> the module trained, when it is more than the LM (e.g. the LM plus a head);
-  prepare(loss_module, data, cfg, info) -> None: work before the first step (e.g. reference log-probs).
+Every method module satisfies `tunesmith.core.contract.Method` (NAME, GENERATES, build_data, collate,
+wrap_model, loss_module, prepare, save_outputs), and its `loss_module` returns a
+`tunesmith.core.contract.Objective`. Where the maths of each lives:
+
+  sft, pretrain  methods/sft.py, methods/pretrain.py say which tokens carry labels (`LABELS`);
+                 the loss is core/next_token.py's CausalLMLoss (ops/losses.py's chunked cross-entropy)
+  reward         methods/reward.py (RewardLoss), ops/preference.py's bradley_terry_loss;
+                 the model with its head is model/reward_model.py
+  dpo            methods/dpo.py (DpoLoss), the DPO-family losses in ops/preference.py
+  grpo, ppo      methods/grpo.py, methods/ppo.py (advantages and the update's loss), the step they
+                 share in rollout/step.py, the maths in ops/rl.py
 """
 
 from __future__ import annotations
@@ -22,24 +23,37 @@ if TYPE_CHECKING:
     from torch import nn
 
     from tunesmith.config import Config
+    from tunesmith.core.contract import Method, Objective
+    from tunesmith.core.distributed import DistInfo
     from tunesmith.data import TokenizedData
+    from tunesmith.data.dataset import Labels
 
 
-def get_method(name: str) -> ModuleType:
-    """The module implementing method `name`."""
+def get_method(name: str) -> Method:
+    """The module implementing method `name` (one of config's `method` values)."""
     from tunesmith.methods import dpo, grpo, ppo, pretrain, reward, sft
 
-    return {"sft": sft, "pretrain": pretrain, "reward": reward, "dpo": dpo, "grpo": grpo, "ppo": ppo}[name]
+    modules: dict[str, ModuleType] = {m.NAME: m for m in (sft, pretrain, reward, dpo, grpo, ppo)}
+    return modules[name]  # type: ignore[return-value]  # a module that satisfies the Method protocol
 
 
-def build_lm_data(cfg: Config, tokenizer, source: str, method: str) -> TokenizedData:
+def keep_model(model: nn.Module, cfg: Config) -> nn.Module:
+    """`wrap_model` of a method that trains the LM as it is."""
+    return model
+
+
+def nothing_to_prepare(objective: Objective, data: TokenizedData, cfg: Config, info: DistInfo) -> None:
+    """`prepare` of a method with no work before its first step."""
+
+
+def build_lm_data(cfg: Config, tokenizer, source: str, labels: Labels) -> TokenizedData:
     """Token rows for a next-token method (sft, pretrain) from the data and train sections of `cfg`."""
     from tunesmith.data import build_dataset
 
     return build_dataset(
         source,
         tokenizer,
-        method=method,
+        labels=labels,
         max_length=cfg.train.max_length,
         packing=cfg.train.packing,
         overflow=cfg.data.overflow,

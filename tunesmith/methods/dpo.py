@@ -12,15 +12,16 @@ import torch
 from torch import nn
 
 from tunesmith.config import Config, DpoConfig
+from tunesmith.core.contract import Objective
 from tunesmith.core.next_token import answer_logps
 from tunesmith.data import TokenizedData
 from tunesmith.data.preference import collate_pairs, count_pairs
-from tunesmith.methods import build_pair_data, save_lm_outputs
+from tunesmith.methods import build_pair_data, keep_model, save_lm_outputs
 from tunesmith.model.parts import decoder_and_head, frozen_copy, reference_model, unwrap
 from tunesmith.ops import preference as losses
 from tunesmith.ops.preference import sft_term
 
-__all__ = ["GENERATES", "NAME", "build_data", "collate", "loss_module", "prepare", "save_outputs"]
+__all__ = ["GENERATES", "NAME", "build_data", "collate", "loss_module", "prepare", "save_outputs", "wrap_model"]
 
 GENERATES = True
 NAME = "dpo"
@@ -28,6 +29,7 @@ REFERENCE_FREE = ("simpo", "orpo")
 
 collate = collate_pairs
 save_outputs = save_lm_outputs
+wrap_model = keep_model
 
 
 def build_data(cfg: Config, tokenizer, source: str) -> TokenizedData:
@@ -44,7 +46,7 @@ def loss_module(model: nn.Module, cfg: Config, tokenizer=None) -> nn.Module:
     return DpoLoss(model, cfg.dpo, frozen_reference=frozen)
 
 
-def prepare(loss: nn.Module, data: TokenizedData, cfg: Config, info) -> None:
+def prepare(loss: DpoLoss, data: TokenizedData, cfg: Config, info) -> None:
     """With dpo.precompute_ref, score every pair with the reference now, so training never runs it."""
     if not cfg.dpo.precompute_ref or not loss.needs_reference:
         return
@@ -64,7 +66,7 @@ def prepare(loss: nn.Module, data: TokenizedData, cfg: Config, info) -> None:
     loss.train(was_training)
 
 
-class DpoLoss(nn.Module):
+class DpoLoss(Objective):
     """forward(**pair batch) -> (sum of pair losses, number of pairs, sums of the logged statistics)."""
 
     reports_perplexity = False

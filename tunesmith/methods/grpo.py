@@ -6,6 +6,15 @@ all its tokens. The loss is PPO's clipped surrogate plus β · KL(π‖π_ref) (
 normalised as `grpo.loss_normalization` says. A group whose rewards are all equal has zero advantage
 everywhere: it is left out of the update (it would only add KL gradient) and counted in the logs as
 `frac_zero_adv_groups`.
+
+One step, in call order (the loop calls `RLObjective.train_step`, rollout/step.py):
+  sample      `group_size` completions per prompt      rollout/step.py `sample` -> model/generate.py
+  score       reward functions and/or reward model    rollout/rewards.py `RewardSet.score`
+  measure     reference log-probs (no old pass when   rollout/step.py `measure` (`measures_old_logps` here)
+              one update per step: ratio is 1)
+  advantages  group-relative, zero groups dropped     here: `GrpoObjective.advantages` -> ops/rl.py `group_advantages`
+  update      clipped surrogate + β·k3 KL, normalised  here: `GrpoObjective.forward` -> ops/rl.py `clipped_policy_loss`,
+                                                      `kl_k3`; through the loop's `StepTools.update`
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from torch import nn
 from tunesmith.config import Config
 from tunesmith.core.next_token import count_targets, labelled_states, num_sequences, token_owner
 from tunesmith.data import TokenizedData
-from tunesmith.methods import build_rl_data, save_lm_outputs
+from tunesmith.methods import build_rl_data, keep_model, nothing_to_prepare, save_lm_outputs
 from tunesmith.ops.losses import chunked_token_logps, chunked_token_logps_entropy
 from tunesmith.ops.rl import (
     clipped_policy_loss,
@@ -26,16 +35,19 @@ from tunesmith.ops.rl import (
     zero_advantage_groups,
 )
 from tunesmith.rollout.rewards import Scored
-from tunesmith.rollout.sequences import Sequence, collate_sequences
+from tunesmith.rollout.sequences import Completion, collate_sequences
 from tunesmith.rollout.step import RLObjective
 
-__all__ = ["GENERATES", "NAME", "GrpoObjective", "build_data", "collate", "loss_module", "save_outputs"]
+__all__ = ["GENERATES", "NAME", "GrpoObjective", "build_data", "collate", "loss_module", "prepare", "save_outputs",
+           "wrap_model"]
 
 GENERATES = True
 NAME = "grpo"
 
 collate = collate_sequences
 save_outputs = save_lm_outputs
+wrap_model = keep_model
+prepare = nothing_to_prepare
 
 
 def build_data(cfg: Config, tokenizer, source: str) -> TokenizedData:
@@ -56,7 +68,7 @@ class GrpoObjective(RLObjective):
         are the old ones: the rollout pass is skipped (one forward fewer per step)."""
         return not (self.rl.update_epochs == 1 and self.rl.minibatch_size is None)
 
-    def advantages(self, seqs: list[Sequence], scored: Scored, group_size: int) -> tuple[list[Sequence], dict[str, float]]:
+    def advantages(self, seqs: list[Completion], scored: Scored, group_size: int) -> tuple[list[Completion], dict[str, float]]:
         """Group-relative advantages; groups with all-equal rewards are dropped from the update."""
         rewards = torch.tensor(scored.total, dtype=torch.float64)
         adv = group_advantages(rewards, group_size, scale_by_std=self.cfg.grpo.scale_rewards).tolist()

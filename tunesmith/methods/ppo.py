@@ -7,6 +7,16 @@ surrogate (Schulman et al. 2017) plus `ppo.vf_coef` times the clipped value loss
 completion tokens, over `rl.update_epochs` passes of minibatches. β is fixed (`rl.kl_coef`) or follows
 the adaptive controller of Ziegler et al. 2019 (`ppo.adaptive_kl`), whose state is checkpointed.
 The value head reads the policy's own final hidden states (a shared trunk).
+
+One step, in call order (the loop calls `RLObjective.train_step`, rollout/step.py):
+  sample      completions per prompt                  rollout/step.py `sample` -> model/generate.py
+  score       reward model and/or reward functions    rollout/rewards.py `RewardSet.score`
+  measure     old and reference log-probs, values     rollout/step.py `measure` (`measure_values` here)
+  advantages  KL-penalised token rewards, GAE,        here: `PpoObjective.advantages` -> ops/rl.py `kl_k1`, `gae`,
+              whitening                               `whiten`
+  update      clipped policy + value losses, over     here: `PpoObjective.forward` -> ops/rl.py `clipped_policy_loss`,
+              update_epochs x minibatches             `clipped_value_loss`; through the loop's `StepTools.update`
+  after_step  the adaptive KL coefficient             here: `PpoObjective.after_step` -> ops/rl.py `AdaptiveKLController`
 """
 
 from __future__ import annotations
@@ -19,21 +29,22 @@ from torch import nn
 from tunesmith.config import Config
 from tunesmith.core.next_token import count_targets, labelled_states
 from tunesmith.data import TokenizedData
-from tunesmith.methods import build_rl_data, save_lm_outputs
+from tunesmith.methods import build_rl_data, nothing_to_prepare, save_lm_outputs
 from tunesmith.model.parts import unwrap
 from tunesmith.ops.losses import chunked_token_logps
 from tunesmith.ops.rl import AdaptiveKLController, clipped_policy_loss, clipped_value_loss, gae, kl_k1, whiten
 from tunesmith.rollout.rewards import Scored
-from tunesmith.rollout.sequences import Sequence, collate_sequences
+from tunesmith.rollout.sequences import Completion, collate_sequences
 from tunesmith.rollout.step import RLObjective
 
 __all__ = ["GENERATES", "NAME", "PolicyWithValue", "PpoObjective", "build_data", "collate", "loss_module",
-           "save_outputs", "wrap_model"]
+           "prepare", "save_outputs", "wrap_model"]
 
 GENERATES = True
 NAME = "ppo"
 
 collate = collate_sequences
+prepare = nothing_to_prepare
 
 
 class PolicyWithValue(nn.Module):
@@ -102,7 +113,7 @@ class PpoObjective(RLObjective):
         if self.cfg.ppo.adaptive_kl and "kl_per_completion" in measured:
             self.kl_ctl.update(measured["kl_per_completion"], num_completions)
 
-    def advantages(self, seqs: list[Sequence], scored: Scored, group_size: int) -> tuple[list[Sequence], dict[str, float]]:
+    def advantages(self, seqs: list[Completion], scored: Scored, group_size: int) -> tuple[list[Completion], dict[str, float]]:
         """Token rewards (KL penalty, score at the end), GAE advantages and returns, whitened advantages."""
         p = self.cfg.ppo
         beta = self.kl_ctl.value

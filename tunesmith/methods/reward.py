@@ -15,21 +15,23 @@ import torch
 from torch import nn
 
 from tunesmith.config import Config, RewardConfig
+from tunesmith.core.contract import Objective
 from tunesmith.core.next_token import last_positions
 from tunesmith.data import TokenizedData
 from tunesmith.data.preference import collate_pairs, count_pairs
-from tunesmith.methods import build_pair_data
+from tunesmith.methods import build_pair_data, nothing_to_prepare
 from tunesmith.model.export import save_adapter
 from tunesmith.model.parts import decoder_and_head, packed_hidden, unwrap
 from tunesmith.model.reward_model import REWARD_DIR, RewardModel, save_reward_head, save_reward_model
 from tunesmith.ops.preference import bradley_terry_loss
 
-__all__ = ["GENERATES", "NAME", "build_data", "collate", "loss_module", "save_outputs", "wrap_model"]
+__all__ = ["GENERATES", "NAME", "build_data", "collate", "loss_module", "prepare", "save_outputs", "wrap_model"]
 
 GENERATES = False
 NAME = "reward"
 
 collate = collate_pairs
+prepare = nothing_to_prepare
 
 
 def wrap_model(model: nn.Module, cfg: Config) -> RewardModel:
@@ -52,7 +54,7 @@ def loss_module(model: RewardModel, cfg: Config, tokenizer=None) -> nn.Module:
     return RewardLoss(model, cfg.reward)
 
 
-class RewardLoss(nn.Module):
+class RewardLoss(Objective):
     """forward(**pair batch) -> (sum of pair losses, number of pairs, sums of the logged statistics)."""
 
     reports_perplexity = False

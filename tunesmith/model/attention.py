@@ -13,9 +13,11 @@ while the prefix is computed once instead of once per branch. Positions say all 
 first jump back to a position q > 0 ends the prefix at q and starts the second branch; later jumps back to q
 start the others.
 
-The override is registered under transformers' "sdpa" name and passes every call through unchanged unless the
-caller is inside `document_attention` (training and eval losses) and the call is a full-row self-attention
-(no KV cache). Generation, other code and other attention implementations never see it; rows with branches
+The override is registered with transformers under its own name, `ATTENTION` ("tunesmith_sdpa", with SDPA's
+masks), and tunesmith selects it when it loads a model with `load.attn_implementation: sdpa`: other models in
+the same process keep transformers' own "sdpa". It passes every call through to transformers' SDPA unchanged
+unless the caller is inside `document_attention` (training and eval losses) and the call is a full-row
+self-attention (no KV cache). Generation and other attention implementations never see it; rows with branches
 need it, and say so (`Layout.calls`) when a model's attention does not go through it.
 """
 
@@ -31,8 +33,11 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from tunesmith.errors import TunesmithError
+
+ATTENTION = "tunesmith_sdpa"  # the name models loaded by tunesmith with SDPA attention run under
 
 # One attention call: queries [start, end) of a row, which also see the keys [prefix_start, prefix_end) (a shared
 # prefix; empty for a plain document or the prefix itself), causally.
@@ -90,7 +95,7 @@ def trees_fit(config, max_length: int) -> bool:
     """Whether rows of up to `max_length` tokens holding trees run right on a model with this config: SDPA
     attention in every layer, no logit softcapping, and no sliding window shorter than a row."""
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    if getattr(config, "_attn_implementation", None) != "sdpa":
+    if getattr(config, "_attn_implementation", None) != ATTENTION:
         return False
     if getattr(text, "attn_logit_softcapping", None) is not None:
         return False
@@ -182,4 +187,8 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
     return out.transpose(1, 2).contiguous(), None  # (batch, T, heads, dim), as transformers expects
 
 
-AttentionInterface.register("sdpa", _attention)
+def register() -> str:
+    """Make `ATTENTION` known to transformers (idempotent); returns the name to load models with."""
+    AttentionInterface.register(ATTENTION, _attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    return ATTENTION

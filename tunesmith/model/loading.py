@@ -34,6 +34,7 @@ import torch
 
 from tunesmith.config import LoadConfig
 from tunesmith.errors import TunesmithError
+from tunesmith.model import attention
 from tunesmith.model.export import fsync_tree, make_temp_dir, replace_dir
 
 if TYPE_CHECKING:
@@ -166,7 +167,7 @@ def load_model(resolved: ResolvedModel, load: LoadConfig, device: torch.device |
         model = AutoModelForCausalLM.from_pretrained(
             resolved.path,
             dtype=_dtype(load.dtype, device),
-            attn_implementation=load.attn_implementation,
+            attn_implementation=attention.register() if load.attn_implementation == "sdpa" else load.attn_implementation,
             trust_remote_code=load.trust_remote_code,
             use_safetensors=None if load.allow_pickle else True,
         )

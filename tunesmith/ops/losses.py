@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+PERPLEXITY_CAP = 50.0  # mean NLL beyond which perplexity is reported as exp(50): the model is lost either way
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp(mean token negative log-likelihood), capped at exp(PERPLEXITY_CAP) so it never overflows."""
+    return math.exp(min(mean_nll, PERPLEXITY_CAP))
 
 IGNORE_INDEX = -100
 

@@ -68,7 +68,7 @@ def build_prompts(source: str, tokenizer, *, max_length: int, max_new_tokens: in
 
 
 @dataclass
-class Sequence:
+class Completion:
     """One sampled completion of a prompt, with what the rollout measured per completion token."""
 
     prompt_ids: list[int]
@@ -86,7 +86,7 @@ class SeqRow(Row):
     owners: list[int] = field(default_factory=list)  # per token: its completion's place in `indices`; -1 on a shared prompt
 
 
-def pack_sequences(seqs: list[Sequence], max_length: int, *, share_prompts: bool = False) -> list[SeqRow]:
+def pack_sequences(seqs: list[Completion], max_length: int, *, share_prompts: bool = False) -> list[SeqRow]:
     """Documents prompt + completion (completion labelled) packed into rows of at most max_length tokens;
     with `share_prompts`, completions of the same prompt as trees that hold the prompt once (module docstring)."""
     docs = _trees(seqs, max_length) if share_prompts else [[s] for s in seqs]
@@ -113,29 +113,29 @@ def pack_sequences(seqs: list[Sequence], max_length: int, *, share_prompts: bool
     return rows
 
 
-def _shared_length(doc: list[Sequence]) -> int:
+def _shared_length(doc: list[Completion]) -> int:
     """Tokens a tree holds once: its prompt but the last token (none for a single document)."""
     return len(doc[0].prompt_ids) - 1 if len(doc) > 1 else 0
 
 
-def _tree_length(doc: list[Sequence]) -> int:
+def _tree_length(doc: list[Completion]) -> int:
     """Tokens of a tree: the shared prompt but its last token once, then each completion with that token."""
     shared = _shared_length(doc)
     return shared + sum(len(s.prompt_ids) - shared + len(s.completion_ids) for s in doc)
 
 
-def _trees(seqs: list[Sequence], max_length: int) -> list[list[Sequence]]:
+def _trees(seqs: list[Completion], max_length: int) -> list[list[Completion]]:
     """Completions grouped by prompt (in order of first appearance), each group cut into trees of at most
     max_length tokens; a prompt of one token has nothing to share and gives single documents."""
-    groups: dict[tuple[int, ...], list[Sequence]] = {}
+    groups: dict[tuple[int, ...], list[Completion]] = {}
     for s in seqs:
         groups.setdefault(tuple(s.prompt_ids), []).append(s)
-    trees: list[list[Sequence]] = []
+    trees: list[list[Completion]] = []
     for prompt, members in groups.items():
         if len(prompt) < 2:
             trees += [[s] for s in members]
             continue
-        current: list[Sequence] = []
+        current: list[Completion] = []
         for s in members:
             if current and _tree_length([*current, s]) > max_length:
                 trees.append(current)

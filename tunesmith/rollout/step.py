@@ -7,7 +7,7 @@
   3. measure, without gradients, the policy's and the reference's log-probs of every completion
      token (and the values, for PPO), and let the method turn rewards into advantages;
   4. make `rl.update_epochs` passes over the completions in minibatches, one optimizer update each,
-     through the loop's `Updater` (the loss module's `forward` is the method's loss).
+     through the loop's `StepTools.update` (the objective's `forward` is the method's loss).
 The reference is the policy with its LoRA adapters disabled, or a frozen copy under full fine-tuning.
 """
 
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from tunesmith.config import Config
+from tunesmith.core.contract import Objective, StepOutcome, StepTools
 from tunesmith.core.logs import truncate_metrics
 from tunesmith.core.next_token import labelled_states, token_owner
 from tunesmith.model.attention import trees_fit
@@ -29,12 +30,12 @@ from tunesmith.model.generate import Generation, GenerationSettings, generate
 from tunesmith.model.parts import decoder_and_head, frozen_copy, reference_model, unwrap
 from tunesmith.ops.losses import chunked_token_logps, chunked_token_logps_entropy, shift_targets
 from tunesmith.rollout.rewards import RewardSet, Scored
-from tunesmith.rollout.sequences import PromptRow, Sequence, collate_sequences, pack_sequences
+from tunesmith.rollout.sequences import Completion, PromptRow, collate_sequences, pack_sequences
 
 SAMPLES = "samples.jsonl"
 
 
-class RLObjective(nn.Module):
+class RLObjective(Objective):
     """The loss module of an RL method: `train_step` runs a whole step; `forward` is the method's loss on a batch."""
 
     reports_perplexity = False
@@ -65,7 +66,7 @@ class RLObjective(nn.Module):
         """Whether the method needs the reference log-probs."""
         return self.rl.kl_coef > 0
 
-    def advantages(self, seqs: list[Sequence], scored: Scored, group_size: int) -> tuple[list[Sequence], dict[str, float]]:
+    def advantages(self, seqs: list[Completion], scored: Scored, group_size: int) -> tuple[list[Completion], dict[str, float]]:
         """Fill each sequence's `advantages` (and whatever else the loss needs); return the ones to train on."""
         raise NotImplementedError
 
@@ -83,11 +84,9 @@ class RLObjective(nn.Module):
 
     # ---------------------------------------------------------------- the step
 
-    def train_step(self, rows: list[PromptRow], *, step: int, update, run_dir: Path | None):
-        """Sample, score, measure and update for one step's prompts; returns the loop's StepOutcome."""
-        from tunesmith.core.loop import StepOutcome
-
-        rl = self.rl
+    def train_step(self, rows: list[PromptRow], *, step: int, tools: StepTools) -> StepOutcome:
+        """Sample, score, measure and update for one step's prompts."""
+        rl, run_dir = self.rl, tools.run_dir
         group = rl.group_size
         if run_dir is not None and not self._samples_checked:
             truncate_metrics(run_dir / SAMPLES, step)  # a resumed run drops the samples of the steps it redoes
@@ -98,7 +97,7 @@ class RLObjective(nn.Module):
         prompts = [r for r in rows for _ in range(group)]  # each prompt's completions side by side
         scored = self.score(prompts, generations)
         clock.append(time.perf_counter())
-        seqs = [Sequence(p.input_ids, g.token_ids, i) for i, (p, g) in enumerate(zip(prompts, generations))]
+        seqs = [Completion(p.input_ids, g.token_ids, i) for i, (p, g) in enumerate(zip(prompts, generations))]
         measured = self.measure(seqs)
         train_seqs, method_stats = self.advantages(seqs, scored, group)
         clock.append(time.perf_counter())
@@ -113,7 +112,7 @@ class RLObjective(nn.Module):
                     # A minibatch is a random draw; within it, completions go in sampling order, so a prompt's
                     # answers share micro-batches and its tree (the loss is a sum: the order changes nothing else).
                     chosen = sorted((train_seqs[i] for i in order[start : start + size]), key=lambda s: s.index)
-                    outcome = update([batch for _, batch in self.collated(chosen)])
+                    outcome = tools.update([batch for _, batch in self.collated(chosen)])
                     losses.append(outcome.loss)
                     grad_norms.append(outcome.grad_norm)
                     update_stats.append(outcome.stats)
@@ -163,7 +162,7 @@ class RLObjective(nn.Module):
         return self.rewards.score([p.prompt for p in prompts], [p.messages for p in prompts],
                                   [g.text for g in generations], fields)
 
-    def collated(self, seqs: list[Sequence]) -> list[tuple[list[Sequence], dict[str, torch.Tensor]]]:
+    def collated(self, seqs: list[Completion]) -> list[tuple[list[Completion], dict[str, torch.Tensor]]]:
         """Completions in groups of rl.micro_batch_size, each packed into rows and collated (on the CPU)."""
         out = []
         for k in range(0, len(seqs), self.rl.micro_batch_size):
@@ -173,7 +172,7 @@ class RLObjective(nn.Module):
         return out
 
     @torch.no_grad()
-    def measure(self, seqs: list[Sequence]) -> dict[str, float]:
+    def measure(self, seqs: list[Completion]) -> dict[str, float]:
         """Old (rollout-time) and reference log-probs, values, and entropy of every completion token.
 
         With `measures_old_logps()` false only the reference is measured; entropy and KL then come from the update.
@@ -226,7 +225,7 @@ class RLObjective(nn.Module):
     # ---------------------------------------------------------------- eval and samples
 
     @torch.no_grad()
-    def evaluate_rows(self, rows: list[PromptRow], *, step: int) -> dict[str, float]:
+    def evaluate_rows(self, rows: list[PromptRow], *, step: int, tools: StepTools) -> dict[str, float]:
         """Mean reward of greedy completions of held-out prompts."""
         generations = self.sample(rows, 1, seed=0, greedy=True)
         scored = self.score(rows, generations)
@@ -244,7 +243,7 @@ class RLObjective(nn.Module):
                                      "rewards": parts, "finish_reason": g.finish_reason}, ensure_ascii=False) + "\n")
 
 
-def _store_per_completion(chunk: list[Sequence], batch: dict[str, torch.Tensor],
+def _store_per_completion(chunk: list[Completion], batch: dict[str, torch.Tensor],
                           fields: dict[str, torch.Tensor | None]) -> None:
     """Split per-token tensors (labelled-token order) back to the completions they belong to."""
     positions, _ = shift_targets(batch["labels"])
