@@ -25,6 +25,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config(args: argparse.Namespace) -> int:
+    from tunesmith.config_docs import reference_markdown, reference_text
+
+    print(reference_markdown(args.section) if args.markdown else reference_text(args.section), end="")
+    return 0
+
+
 def _cmd_data_inspect(args: argparse.Namespace) -> int:
     from tunesmith.config import LoadConfig
     from tunesmith.data import inspect_data
@@ -57,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("config", help="YAML config file (see configs/)")
     p_train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=1e-4 lora=null")
     p_train.set_defaults(func=_cmd_train)
+
+    p_config = sub.add_parser("config", help="every config key with its type, default and meaning")
+    p_config.add_argument("section", nargs="?", help="one section only (top, data, lora, train, ...)")
+    p_config.add_argument("--markdown", action="store_true", help="print markdown, as in docs/config.md")
+    p_config.set_defaults(func=_cmd_config, loads_models=False)
 
     p_data = sub.add_parser("data", help="look at a dataset before training on it")
     data_sub = p_data.add_subparsers(dest="data_command", required=True)
@@ -108,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tunesmith` command; exit code 2 on bad input, with one clear message."""
     args = build_parser().parse_args(argv)
-    quiet_libraries()
+    if getattr(args, "loads_models", True):
+        quiet_libraries()
     try:
         return args.func(args)
     except TunesmithError as exc:
