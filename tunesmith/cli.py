@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from tunesmith.config import apply_overrides
 from tunesmith.errors import TunesmithError
 
 
@@ -18,10 +19,42 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+NO_TRAIN_DATA = (
+    "train: nothing to train on; give a YAML config file (see configs/) or at least the training data, e.g. "
+    "`tunesmith train data.train=my.jsonl`; every other setting has a default (`tunesmith config` lists them)"
+)
+
+
+def train_arguments(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """Split `tunesmith train`'s arguments into the YAML path (None when there is none) and the overrides.
+
+    The YAML file is optional: a first argument containing `=` is an override, not a path.
+    """
+    if config is not None and "=" in config:
+        config, overrides = None, [config, *overrides]
+    for item in overrides:
+        if "=" not in item:
+            raise TunesmithError(f"train: {item!r} is not a key=value override; a YAML config file can only come "
+                                 "first, before the overrides")
+    if config is None:
+        data = apply_overrides({}, overrides).get("data")
+        if not (isinstance(data, dict) and data.get("train")):
+            raise TunesmithError(NO_TRAIN_DATA)
+    return config, overrides
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    config, overrides = train_arguments(args.config, args.overrides)
     from tunesmith.run import train
 
-    train(args.config, args.overrides)
+    train(config if config is not None else {}, overrides)
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from tunesmith.config_docs import reference_markdown, reference_text
+
+    print(reference_markdown(args.section) if args.markdown else reference_text(args.section), end="")
     return 0
 
 
@@ -53,10 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p_train = sub.add_parser("train", help="fine-tune a model from a YAML config")
-    p_train.add_argument("config", help="YAML config file (see configs/)")
-    p_train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=1e-4 lora=null")
+    p_train = sub.add_parser("train", help="fine-tune a model from a YAML config and/or key=value settings")
+    p_train.add_argument("config", nargs="?", help="YAML config file (see configs/); optional: without it every "
+                         "key not overridden has its default (`tunesmith config`)")
+    p_train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. data.train=my.jsonl "
+                         "train.lr=1e-4 lora=null")
     p_train.set_defaults(func=_cmd_train)
+
+    p_config = sub.add_parser("config", help="every config key with its type, default and meaning")
+    p_config.add_argument("section", nargs="?", help="one section only (top, data, lora, train, ...)")
+    p_config.add_argument("--markdown", action="store_true", help="print markdown, as in docs/config.md")
+    p_config.set_defaults(func=_cmd_config, loads_models=False)
 
     p_data = sub.add_parser("data", help="look at a dataset before training on it")
     data_sub = p_data.add_subparsers(dest="data_command", required=True)
@@ -108,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tunesmith` command; exit code 2 on bad input, with one clear message."""
     args = build_parser().parse_args(argv)
-    quiet_libraries()
+    if getattr(args, "loads_models", True):
+        quiet_libraries()
     try:
         return args.func(args)
     except TunesmithError as exc:

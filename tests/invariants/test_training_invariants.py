@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -67,10 +66,29 @@ def _train_cmd(cfg_path: Path) -> list[str]:
     return [sys.executable, "-m", "tunesmith.cli", "train", str(cfg_path)]
 
 
+# A run that kills its own process with SIGKILL at the end of a chosen step (after that step's checkpoint is
+# written), through the loop's callback hook: the kill lands at the same point on every machine, however fast.
+KILLED_AT_STEP = """
+import os, signal, sys
+import tunesmith
+from tunesmith.core.loop import LoopCallback
+
+class KillAt(LoopCallback):
+    def on_step_end(self, step, outcome):
+        if step == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+tunesmith.train(sys.argv[1], callbacks=[KillAt()])
+"""
+
+
 def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # Killed right after the checkpoint of step 6, and one step later, when step 7 is logged but not checkpointed
+    # (its metrics line must give way to the resumed run's). Both resume from step 6.
+    kill_at = {"killed": 6, "killed_later": 7}
     data = write_chat(tmp_path, 48)
     configs = {}
-    for name in ("straight", "killed"):
+    for name in ("straight", *kill_at):
         cfg = run_config(tiny_model_dir, data, tmp_path / name, max_steps=40, batch_size=8, lr=2e-3,
                          max_length=256, save_every=2, keep_checkpoints=2)
         cfg["lora"]["dropout"] = 0.1  # dropout draws random numbers: resume must restore the generators
@@ -79,27 +97,27 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, tiny_model_dir: Path)
 
     straight = subprocess.run(_train_cmd(configs["straight"]), env=_env(), capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
+    a = final_weights(tmp_path / "straight")
 
-    proc = subprocess.Popen(_train_cmd(configs["killed"]), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    target = tmp_path / "killed/checkpoints/step-0000006/checkpoint.json"
-    deadline = time.time() + 300
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "killed/summary.json").exists(), "the run finished before it could be killed"
+    for name, step in kill_at.items():
+        killed = subprocess.run([sys.executable, "-c", KILLED_AT_STEP, str(configs[name]), str(step)], env=_env(),
+                                capture_output=True, text=True, timeout=600)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+        assert not (tmp_path / name / "summary.json").exists(), "the run finished before it could be killed"
+        steps = [json.loads(x)["step"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, step + 1))
+        assert (tmp_path / name / "checkpoints/step-0000006/checkpoint.json").is_file()
 
-    resumed = subprocess.run(_train_cmd(configs["killed"]), env=_env(), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    summary = json.loads((tmp_path / "killed/summary.json").read_text())
-    assert summary["resumed_from"] >= 6 and summary["steps"] == 40
-    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
-    steps = [json.loads(x)["step"] for x in (tmp_path / "killed/metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(steps) and len(steps) == len(set(steps)) == 40
+        resumed = subprocess.run(_train_cmd(configs[name]), env=_env(), capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["resumed_from"] == 6 and summary["steps"] == 40
+        b = final_weights(tmp_path / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}: {k} differs after resume"
+        steps = [json.loads(x)["step"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert steps == sorted(steps) and len(steps) == len(set(steps)) == 40
 
 
 @pytest.mark.parametrize("junk", ["tmp", "no_manifest"])

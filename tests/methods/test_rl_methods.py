@@ -38,9 +38,13 @@ def fails_on_third_call(prompts: list[str], completions: list[str], **fields) ->
     return [0.0] * len(completions)
 
 
+SEEN: list[dict[str, list[str]]] = []
+
+
 def sees_answers(prompts: list[str], completions: list[str], answer: list[str], topic: list[str], **_) -> list[float]:
-    """Checks that row fields arrive, one per completion."""
-    assert len(answer) == len(completions) == len(topic) and all(a in WORDS for a in answer)
+    """Records what it was given, for the test to check; 1 when the answer is in the completion."""
+    SEEN.append({"prompts": list(prompts), "completions": list(completions), "answer": list(answer),
+                 "topic": list(topic)})
     return [float(a in c) for a, c in zip(answer, completions)]
 
 
@@ -151,9 +155,20 @@ def test_level_groups_teach_nothing(tmp_path: Path, tiny_model_dir: Path) -> Non
 
 
 def test_row_fields_reach_the_reward_functions(tmp_path: Path, tiny_model_dir: Path) -> None:
+    SEEN.clear()
     cfg = _config(tiny_model_dir, tmp_path, "grpo", "sees_answers")
     cfg["train"]["max_steps"] = 1
     tunesmith.train(cfg)
+    rollout, held_out = SEEN  # the step's 4 prompts x 4 completions, then one greedy answer per data.eval prompt
+    assert len(rollout["completions"]) == 16 and len(held_out["completions"]) == 16
+    for call in SEEN:
+        n = len(call["completions"])
+        assert len(call["prompts"]) == len(call["answer"]) == n
+        assert call["topic"] == ["words"] * n  # a field the rewards do not know, passed on as it is
+        assert [f"Write about {a}" for a in call["answer"]] == call["prompts"]  # each completion gets its own row's
+    groups = [rollout["answer"][i : i + 4] for i in range(0, 16, 4)]
+    assert all(len(set(g)) == 1 for g in groups) and len({g[0] for g in groups}) == 4
+    assert held_out["answer"] == WORDS[:16]
 
 
 def test_faulty_reward_stops_the_run_and_keeps_the_checkpoint(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tunesmith.config import LoadConfig
-from tunesmith.model import count_parameters, load_model, load_tokenizer, resolve_model
+from tunesmith.model import count_parameters, load_model, load_tokenizer, loading, resolve_model
 from tunesmith.model.loading import IMPORT_MARKER, _default_gguf, _sha256, import_dir
 
 pytestmark = pytest.mark.slow
@@ -34,21 +34,30 @@ def test_default_model_imports_once_loads_and_chats(tmp_path: Path, monkeypatch:
     os.utime(old, (two_days_ago, two_days_ago))
 
     load = LoadConfig()
-    start = time.perf_counter()
+    conversions = []
+    real_convert = loading._convert_gguf
+
+    def counted(gguf: Path, out: Path) -> None:
+        conversions.append(gguf)
+        real_convert(gguf, out)
+
+    monkeypatch.setattr(loading, "_convert_gguf", counted)
     resolved = resolve_model("default", load)
-    import_seconds = time.perf_counter() - start
+    assert conversions == [gguf]  # the half folder under the final name did not count as an import
     assert resolved.source == "default" and Path(resolved.path) == final
     assert (final / IMPORT_MARKER).is_file() and (final / "model.safetensors").is_file()
     assert recent.is_dir() and not old.exists()
     assert sorted(p.name for p in final.parent.iterdir()) == sorted([final.name, recent.name])
-    weights_mtime = (final / "model.safetensors").stat().st_mtime_ns
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (final, *final.iterdir())}
 
-    start = time.perf_counter()
+    def must_not_convert(gguf: Path, out: Path) -> None:
+        raise AssertionError(f"{gguf} was converted again although {final} holds its import")
+
+    monkeypatch.setattr(loading, "_convert_gguf", must_not_convert)
     again = resolve_model("default", load)
-    reuse_seconds = time.perf_counter() - start
     assert again == resolved
-    assert (final / "model.safetensors").stat().st_mtime_ns == weights_mtime  # not imported again
-    assert reuse_seconds < 5 < import_seconds, (reuse_seconds, import_seconds)
+    # the cached import is used as it is: the same folder and files, none rewritten
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (final, *final.iterdir())} == before
 
     tokenizer = load_tokenizer(resolved, load)
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template

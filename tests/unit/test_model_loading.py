@@ -59,8 +59,11 @@ def test_explicit_dtype_is_used(tiny_model_dir: Path) -> None:
     assert model.dtype == torch.bfloat16
 
 
-def test_default_device_is_cuda_only_when_available() -> None:
-    assert default_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+@pytest.mark.parametrize(("available", "expected"), [(True, "cuda"), (False, "cpu")])
+def test_default_device_is_cuda_only_when_available(available: bool, expected: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    assert default_device() == torch.device(expected)
 
 
 @pytest.mark.parametrize("spec", ["{tmp}/no-such-model", "./no-such-model-here", "~/no-such-model-here", "model.gguf", "a/b/c"])

@@ -74,9 +74,15 @@ def test_zero_advantage_gives_zero_policy_gradient() -> None:
 
 def test_whiten_and_sequence_mean() -> None:
     x = t(1.0, 2.0, 3.0, 4.0)
+    # mean 2.5, population variance (2.25 + 0.25 + 0.25 + 2.25) / 4 = 1.25, std sqrt(1.25)
+    std = math.sqrt(1.25)
     w = whiten(x)
-    assert w.mean().item() == pytest.approx(0.0, abs=1e-12) and w.var(unbiased=False).item() == pytest.approx(1.0, rel=1e-6)
-    assert whiten(x, shift_mean=False).mean().item() == pytest.approx(2.5)
+    assert w.tolist() == pytest.approx([-1.5 / std, -0.5 / std, 0.5 / std, 1.5 / std], rel=1e-6)
+    assert w.mean().item() == pytest.approx(0.0, abs=1e-12) and w.std(unbiased=False).item() == pytest.approx(1.0, rel=1e-6)
+    # scale only: the spread becomes std 1 and the mean stays
+    scaled = whiten(x, shift_mean=False)
+    assert scaled.tolist() == pytest.approx([2.5 - 1.5 / std, 2.5 - 0.5 / std, 2.5 + 0.5 / std, 2.5 + 1.5 / std], rel=1e-6)
+    assert scaled.mean().item() == pytest.approx(2.5) and scaled.std(unbiased=False).item() == pytest.approx(1.0, rel=1e-6)
     assert sequence_mean(x, torch.tensor([0, 0, 1, 1]), 2).tolist() == [1.5, 3.5]
 
 

@@ -54,7 +54,7 @@ def linear_weight(head: nn.Module) -> torch.Tensor | None:
     """The weight of a head that computes exactly `hidden @ weight.T`, or None for any other head."""
     if type(head) is nn.Linear and head.bias is None:
         return head.weight
-    own = getattr(head, "linear_weight", None)  # e.g. core.lm_loss's head wrapper
+    own = getattr(head, "linear_weight", None)  # e.g. model.parts' head wrapper
     return own() if callable(own) else None
 
 
