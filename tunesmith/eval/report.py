@@ -209,17 +209,18 @@ def _perplexity_measure(results: list[EvalResult], base: EvalResult) -> Measure:
 
 
 def _row_losses(result: EvalResult) -> dict[int, tuple[float, float]]:
-    """Row index -> (mean token loss, token count) of each reference answer, where the rows carry them.
+    """Row index -> (mean token loss, token count) of each reference answer behind the perplexity.
 
-    evaluate() records one loss over all answer tokens, so today this is empty and perplexity has no
-    interval; rows that gain `answer_loss` (mean over the answer's tokens) and `answer_tokens` get one.
+    Rows without a reference carry no loss and are not part of the perplexity. Empty when no row carries
+    one (results saved before evaluate() recorded them) or when a loss is not finite: no interval then.
     """
     out = {}
     for row in result.rows:
-        loss, tokens = getattr(row, "answer_loss", None), getattr(row, "answer_tokens", None)
-        if loss is None or not tokens or not math.isfinite(loss):
-            return {}  # an interval from a subset of rows would describe other data
-        out[row.index] = (float(loss), float(tokens))
+        if row.answer_loss is None or not row.answer_tokens:
+            continue
+        if not math.isfinite(row.answer_loss):
+            return {}
+        out[row.index] = (float(row.answer_loss), float(row.answer_tokens))
     return out
 
 

@@ -23,6 +23,8 @@ class EvalRow:
     scores: dict[str, float | None]  # metric -> score; None where the metric failed on this row
     errors: dict[str, str] = field(default_factory=dict)  # metric -> error message for this row
     num_new_tokens: int = 0
+    answer_loss: float | None = None  # mean token loss of the reference answer (None: no reference, or not measured)
+    answer_tokens: int = 0  # the answer tokens that loss is over; the result's perplexity counts them all
 
 
 @dataclass
