@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tunesmith.eval.report import CONFIDENCE, NUM_BOOTSTRAP, SEED, compare_results, headline, write_report
-from tunesmith.eval.results import EvalExample, EvalResult, EvalRow
+from tunesmith.eval.results import EvalExample, EvalResult, EvalRow, write_results
 from tunesmith.eval.stats import perplexity_ci
 
 NUM_ROWS = 16
@@ -250,3 +250,14 @@ def test_report_shows_the_perplexity_intervals(tmp_path: Path) -> None:
     assert EvalResult.from_dict(data["results"][1]).rows[2].answer_tokens == 5
     lo, hi = data["comparison"]["measures"]["perplexity"]["models"]["tuned"]["delta_ci"]
     assert lo < hi < 0
+
+
+def test_one_writer_for_results_json(tmp_path: Path) -> None:
+    base, tuned = build_results()
+    tuned.rows[0].scores["exact_match"] = float("nan")
+    path = write_results(tmp_path / "eval", [tuned], build_examples())  # as `tunesmith eval` writes it
+    assert path == tmp_path / "eval" / "results.json" and [p.name for p in path.parent.iterdir()] == ["results.json"]
+    data = json.loads(path.read_text())  # strict JSON: NaN was written as null
+    assert set(data) == {"results", "examples"} and data["results"][0]["rows"][0]["scores"]["exact_match"] is None
+    write_report([base, tuned], build_examples(), tmp_path / "report")  # the report adds its comparison
+    assert set(json.loads((tmp_path / "report" / "results.json").read_text())) == {"results", "examples", "comparison"}

@@ -8,7 +8,6 @@ train.max_length, which training truncates).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -25,11 +24,10 @@ from tunesmith.data.chat import has_chat_template, render_raw, render_with_spans
 from tunesmith.data.packing import collate, make_document
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.metrics import check_references, resolve_metrics, score_row
-from tunesmith.eval.results import EvalExample, EvalResult, EvalRow
+from tunesmith.eval.results import EvalExample, EvalResult, EvalRow, write_results
 from tunesmith.model.generate import GenerationSettings, generate
 from tunesmith.model.loading import ResolvedModel, load_model, load_tokenizer, resolve_model
 
-RESULTS_FILE = "results.json"
 DEFAULT_METRICS = ["exact_match", "contains"]
 
 
@@ -243,18 +241,6 @@ def default_out_dir(spec: str) -> Path:
     if name.lower().endswith(".gguf"):
         name = name[:-5]
     return Path(f"eval-{re.sub(r'[^A-Za-z0-9._-]', '_', name) or 'model'}")
-
-
-def write_results(out_dir: Path, results: list[EvalResult], examples: list[EvalExample]) -> Path:
-    """Write `{"results": [...], "examples": [...]}` to out_dir/results.json; returns its path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / RESULTS_FILE
-    payload = {"results": [r.to_dict() for r in results], "examples": [asdict(e) for e in examples]}
-    tmp = path.with_name(f".{RESULTS_FILE}.tmp")
-    # default=str: extra fields of Parquet or HF rows may hold dates or bytes
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
 
 
 def format_table(result: EvalResult, num_with_reference: int) -> str:

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import base64
 import functools
-import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
 from tunesmith.eval import plots
-from tunesmith.eval.results import EvalExample, EvalResult, EvalRow
+from tunesmith.eval.results import EvalExample, EvalResult, EvalRow, write_results
 from tunesmith.eval.stats import bootstrap_ci, paired_delta_ci, paired_perplexity_delta_ci, perplexity_ci
 
 CONFIDENCE = 0.95
@@ -345,14 +344,7 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     comparison = compare_results(results, base_label)
-    payload = {
-        "results": [r.to_dict() for r in results],
-        "examples": [asdict(e) for e in examples],
-        "comparison": _comparison_dict(comparison),
-    }
-    (out_dir / "results.json").write_text(
-        json.dumps(_finite_or_none(payload), indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
-    )
+    write_results(out_dir, results, examples, _comparison_dict(comparison))
     images = _write_plots(results, comparison, out_dir)
     page = _render_html(results, examples, comparison, images, title=title)
     path = out_dir / "report.html"
@@ -386,17 +378,6 @@ def _comparison_dict(c: Comparison) -> dict[str, Any]:
         },
         "disagreements": c.disagreements,
     }
-
-
-def _finite_or_none(value: Any) -> Any:
-    """NaN and infinity become null: JSON has no such numbers and other tools reject them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    return value
 
 
 @dataclass

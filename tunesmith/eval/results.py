@@ -1,17 +1,22 @@
 """What an evaluation produces: per-row outputs and scores, and per-model aggregates.
 
 `tunesmith eval`, `tunesmith compare` and the report built into `train` all read and write these,
-and `results.json` is their plain-data form.
+and `results.json` is their plain-data form (written by `write_results`).
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tunesmith.data.examples import EvalExample
 
-__all__ = ["EvalExample", "EvalResult", "EvalRow"]
+__all__ = ["RESULTS_FILE", "EvalExample", "EvalResult", "EvalRow", "write_results"]
+
+RESULTS_FILE = "results.json"
 
 
 @dataclass
@@ -52,3 +57,32 @@ class EvalResult:
         data = dict(data)
         data["rows"] = [EvalRow(**r) for r in data.get("rows", [])]
         return cls(**data)
+
+
+def write_results(
+    out_dir: Path, results: list[EvalResult], examples: list[EvalExample], comparison: dict[str, Any] | None = None
+) -> Path:
+    """Write results, examples and the report's comparison (when given) to out_dir/results.json; returns its path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload: dict[str, Any] = {"results": [r.to_dict() for r in results], "examples": [asdict(e) for e in examples]}
+    if comparison is not None:
+        payload["comparison"] = comparison
+    path = out_dir / RESULTS_FILE
+    tmp = path.with_name(f".{RESULTS_FILE}.tmp")
+    # default=str: extra fields of Parquet or HF rows may hold dates or bytes
+    tmp.write_text(json.dumps(_finite_or_none(payload), indent=2, ensure_ascii=False, default=str) + "\n",
+                   encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def _finite_or_none(value: Any) -> Any:
+    """NaN and infinity become null: JSON has no such numbers and other tools reject them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
