@@ -13,13 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunesmith.errors import TunesmithError
-from tunesmith.eval.results import RESULTS_FILE
+from tunesmith.eval.results import DEFAULT_METRICS, RESULTS_FILE
 
 if TYPE_CHECKING:  # heavy imports stay out of `tunesmith --help`
     from tunesmith.config import LoadConfig
     from tunesmith.model.generate import GenerationSettings
-
-DEFAULT_METRICS = ["exact_match", "contains"]  # as `tunesmith eval`; evaluate.py imports torch, so not from there
 
 
 def compare(

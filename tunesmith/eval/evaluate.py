@@ -24,12 +24,9 @@ from tunesmith.data.chat import has_chat_template, render_raw, render_with_spans
 from tunesmith.data.packing import collate, make_document
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.metrics import check_references, resolve_metrics, score_row
-from tunesmith.eval.results import EvalExample, EvalResult, EvalRow, write_results
+from tunesmith.eval.results import DEFAULT_METRICS, EvalExample, EvalResult, EvalRow, write_results
 from tunesmith.model.generate import GenerationSettings, generate
 from tunesmith.model.loading import ResolvedModel, load_model, load_tokenizer, resolve_model
-
-DEFAULT_METRICS = ["exact_match", "contains"]
-
 
 # ---------------------------------------------------------------- loading
 

@@ -21,7 +21,7 @@ from typing import Any
 import jinja2
 
 from tunesmith.eval import plots
-from tunesmith.eval.results import EvalExample, EvalResult, EvalRow, write_results
+from tunesmith.eval.results import REWARD, EvalExample, EvalResult, EvalRow, write_results
 from tunesmith.eval.stats import bootstrap_ci, paired_delta_ci, paired_perplexity_delta_ci, perplexity_ci
 
 CONFIDENCE = 0.95
@@ -29,7 +29,6 @@ NUM_BOOTSTRAP = 2000
 SEED = 0  # one seed for every model: the same row scores give the same interval in any column
 MAX_EXAMPLES = 200  # rows shown in report.html; results.json holds all of them
 PERPLEXITY = "perplexity"
-REWARD = "reward"  # reward-model scores of the generated answers (tunesmith.eval.score)
 WIN_RATE = "reward_win_rate"  # share of rows where the reward model prefers a model's answer to the base's
 
 

@@ -1,7 +1,8 @@
 """What an evaluation produces: per-row outputs and scores, and per-model aggregates.
 
 `tunesmith eval`, `tunesmith compare` and the report built into `train` all read and write these,
-and `results.json` is their plain-data form (written by `write_results`).
+and `results.json` is their plain-data form (written by `write_results`). Nothing here imports torch,
+so command-line parsing can use the names below.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Any
 
 from tunesmith.data.examples import EvalExample
 
-__all__ = ["RESULTS_FILE", "EvalExample", "EvalResult", "EvalRow", "write_results"]
+__all__ = ["DEFAULT_METRICS", "REWARD", "RESULTS_FILE", "EvalExample", "EvalResult", "EvalRow", "write_results"]
 
 RESULTS_FILE = "results.json"
+DEFAULT_METRICS = ["exact_match", "contains"]  # of `tunesmith eval` and `tunesmith compare`
+REWARD = "reward"  # the metric name of reward-model scores (tunesmith.eval.score) in results and reports
 
 
 @dataclass
