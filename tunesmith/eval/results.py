@@ -11,9 +11,10 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tunesmith.data.examples import EvalExample
+if TYPE_CHECKING:
+    from tunesmith.data.examples import EvalExample
 
 __all__ = ["DEFAULT_METRICS", "REWARD", "RESULTS_FILE", "EvalExample", "EvalResult", "EvalRow", "write_results"]
 
@@ -60,6 +61,15 @@ class EvalResult:
         data = dict(data)
         data["rows"] = [EvalRow(**r) for r in data.get("rows", [])]
         return cls(**data)
+
+
+def __getattr__(name: str) -> Any:
+    """EvalExample, imported when first asked for: tunesmith.data loads torch, which this module must not."""
+    if name == "EvalExample":
+        from tunesmith.data.examples import EvalExample
+
+        return EvalExample
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def write_results(
