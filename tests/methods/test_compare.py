@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,9 @@ def test_bad_model_option_is_a_user_error(bad: str, tmp_path: Path, capsys: pyte
 def test_base_alone_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compare", "--base", "m0", "--data", "d.jsonl", "--out", str(tmp_path)]) == 2
     assert "--tuned" in capsys.readouterr().err
+
+
+def test_compare_options_are_read_without_torch() -> None:
+    """`tunesmith compare --help` builds its options from eval/results.py's names without loading torch."""
+    code = "import sys, tunesmith.eval.compare; assert 'torch' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])

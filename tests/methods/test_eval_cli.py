@@ -16,7 +16,7 @@ from tests.conftest import write_jsonl
 from tests.helpers import run_config
 from tunesmith.cli import main
 from tunesmith.config import LoadConfig
-from tunesmith.eval.evaluate import load_for_eval
+from tunesmith.eval.evaluate import evaluate, load_for_eval
 
 ROWS = [{"prompt": f"Say {w} twice", "completion": f"{w} {w}", "id": str(i)}
         for i, w in enumerate(["apple", "river", "stone", "cloud", "lamp", "tiger"])]
@@ -84,6 +84,60 @@ def test_perplexity_is_exp_of_the_mean_answer_token_loss(tiny_model_dir: Path, t
     assert result["timing"]["answer_tokens"] == len(answer_ids)
     assert result["metrics"] == {}  # `--metrics` with no names: generation only
 
+
+
+def _by_hand_answer_loss(model, tokenizer, prompt: str, answer: str) -> tuple[float, int]:
+    """(sum of token losses, tokens) of the answer and its end-of-turn marker after the chat prompt."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt_ids + answer_ids])).logits[0]  # (seq, vocab)
+    losses = F.cross_entropy(logits[len(prompt_ids) - 1 : -1], torch.tensor(answer_ids), reduction="none")
+    return losses.sum().item(), len(answer_ids)
+
+
+def test_row_losses_add_up_to_the_perplexity(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    rows = [*ROWS, {"prompt": "Say nothing"}]  # a row without a reference is not part of the perplexity
+    data = write_jsonl(tmp_path / "test.jsonl", rows)
+    code, _, _ = _eval(capsys, "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "o"),
+                       "--no-generate", "--batch-size", "4")  # batches of answers of several lengths: padding
+    assert code == 0
+    (result,) = json.loads((tmp_path / "o/results.json").read_text())["results"]
+    saved = result["rows"]
+    assert saved[-1]["answer_loss"] is None and saved[-1]["answer_tokens"] == 0
+
+    model, tokenizer, _ = load_for_eval(str(tiny_model_dir), LoadConfig(), device=torch.device("cpu"))
+    for row, saved_row in zip(ROWS, saved):
+        loss_sum, num_tokens = _by_hand_answer_loss(model, tokenizer, row["prompt"], row["completion"])
+        assert saved_row["answer_tokens"] == num_tokens
+        assert saved_row["answer_loss"] == pytest.approx(loss_sum / num_tokens, rel=1e-5)
+    num_tokens = sum(r["answer_tokens"] for r in saved)
+    assert num_tokens == result["timing"]["answer_tokens"]
+    total = math.fsum(r["answer_loss"] * r["answer_tokens"] for r in saved[:-1])
+    assert total / num_tokens == pytest.approx(result["mean_loss"], rel=1e-12)
+    assert result["perplexity"] == pytest.approx(math.exp(total / num_tokens), rel=1e-12)
+
+
+def test_the_report_gives_perplexity_intervals(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from tunesmith.data.examples import load_eval_examples
+    from tunesmith.eval.report import compare_results, write_report
+    from tunesmith.model.generate import GenerationSettings
+
+    examples = load_eval_examples(str(write_jsonl(tmp_path / "test.jsonl", ROWS)))
+    model, tokenizer, _ = load_for_eval(str(tiny_model_dir), LoadConfig(), device=torch.device("cpu"))
+    # the same model twice: every paired difference of perplexity is exactly zero
+    results = [evaluate(model, tokenizer, examples, metrics=[], settings=GenerationSettings(batch_size=4),
+                        label=label, spec=str(tiny_model_dir), data="test.jsonl", generate_answers=False)
+               for label in ("base", "tuned")]
+    (ppl,) = compare_results(results).measures
+    base, tuned = ppl.scores["base"], ppl.scores["tuned"]
+    assert base.lo < base.value < base.hi and base.value == results[0].perplexity
+    assert (tuned.lo, tuned.hi) == (base.lo, base.hi)
+    assert (tuned.delta, tuned.delta_lo, tuned.delta_hi, tuned.verdict) == (0.0, 0.0, 0.0, "level")
+    page = write_report(results, examples, tmp_path / "report").read_text()
+    assert "no interval" not in page and f"95% CI {base.lo:.4g} to {base.hi:.4g}" in page
 
 def test_prompts_without_references(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in ROWS[:3]])

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 from pathlib import Path
 
 import pytest
 
-from tunesmith.eval.report import compare_results, headline, write_report
-from tunesmith.eval.results import EvalExample, EvalResult, EvalRow
+from tunesmith.eval.report import CONFIDENCE, NUM_BOOTSTRAP, SEED, compare_results, headline, write_report
+from tunesmith.eval.results import EvalExample, EvalResult, EvalRow, write_results
+from tunesmith.eval.stats import perplexity_ci
 
 NUM_ROWS = 16
 BASE_RIGHT = {0, 4, 8, 12}  # base: 4/16 = 25% exact match
@@ -184,3 +186,78 @@ def test_a_small_difference_is_level_within_noise() -> None:
     tuned.metrics["exact_match"] = 5 / 16
     text = headline([base, tuned])
     assert text.startswith("tuned and base are level on exact match within noise: +6.2 points (95% CI +0.0 to"), text
+
+
+def with_answer_losses(results: list[EvalResult]) -> list[EvalResult]:
+    """Give every row a reference-answer loss, and each model the perplexity those losses add up to."""
+    for k, result in enumerate(results):
+        for row in result.rows:
+            row.answer_tokens = 3 + row.index % 5
+            row.answer_loss = (2.6 if k == 0 else 0.7) + 0.04 * (row.index % 7)
+        total = math.fsum(row.answer_loss * row.answer_tokens for row in result.rows)
+        result.mean_loss = total / sum(row.answer_tokens for row in result.rows)
+        result.perplexity = math.exp(result.mean_loss)
+    return results
+
+
+def test_perplexity_interval_comes_from_the_row_losses() -> None:
+    results = with_answer_losses(build_results())
+    ppl = next(m for m in compare_results(results).measures if m.name == "perplexity")
+    for result in results:
+        s = ppl.scores[result.label]
+        losses = [row.answer_loss for row in result.rows]
+        tokens = [row.answer_tokens for row in result.rows]
+        assert (s.lo, s.hi) == perplexity_ci(losses, tokens, num_samples=NUM_BOOTSTRAP, confidence=CONFIDENCE,
+                                             seed=SEED)
+        assert s.lo < s.value < s.hi and s.num_rows == NUM_ROWS
+    base, tuned = results
+    tuned_score = ppl.scores["tuned"]
+    assert tuned_score.delta == pytest.approx(tuned.perplexity - base.perplexity)
+    assert tuned_score.delta_lo < tuned_score.delta < tuned_score.delta_hi < 0
+    assert tuned_score.verdict == "better"
+    assert ", 95% CI of the change -" in headline(results)
+
+
+def test_identical_row_losses_give_a_zero_delta_interval() -> None:
+    base, tuned = with_answer_losses(build_results())
+    for b, t in zip(base.rows, tuned.rows):
+        t.answer_loss, t.answer_tokens = b.answer_loss, b.answer_tokens
+    tuned.perplexity = base.perplexity
+    s = next(m for m in compare_results([base, tuned]).measures if m.name == "perplexity").scores["tuned"]
+    assert (s.delta, s.delta_lo, s.delta_hi, s.verdict) == (0.0, 0.0, 0.0, "level")
+
+
+def test_rows_without_a_reference_are_not_part_of_the_interval() -> None:
+    base, tuned = with_answer_losses(build_results())
+    for result in (base, tuned):  # row 0 had no reference: no loss, not in the perplexity
+        result.rows[0].answer_loss, result.rows[0].answer_tokens = None, 0
+    s = next(m for m in compare_results([base, tuned]).measures if m.name == "perplexity").scores["base"]
+    rows = base.rows[1:]
+    assert (s.lo, s.hi) == perplexity_ci([r.answer_loss for r in rows], [r.answer_tokens for r in rows],
+                                         num_samples=NUM_BOOTSTRAP, confidence=CONFIDENCE, seed=SEED)
+
+
+def test_report_shows_the_perplexity_intervals(tmp_path: Path) -> None:
+    results = with_answer_losses(build_results())
+    path = write_report(results, build_examples(), tmp_path)
+    ppl_row = _section(path.read_text(), "scores").split("perplexity", 1)[1].split("</tr>", 1)[0]
+    assert ppl_row.count("95% CI") == 3 and "no interval" not in ppl_row  # base, tuned and the delta
+    assert 'class="num better"' in ppl_row
+    assert "Perplexity has no interval" not in path.read_text()
+    data = json.loads((tmp_path / "results.json").read_text())
+    row = data["results"][1]["rows"][2]
+    assert (row["answer_loss"], row["answer_tokens"]) == (results[1].rows[2].answer_loss, 5)
+    assert EvalResult.from_dict(data["results"][1]).rows[2].answer_tokens == 5
+    lo, hi = data["comparison"]["measures"]["perplexity"]["models"]["tuned"]["delta_ci"]
+    assert lo < hi < 0
+
+
+def test_one_writer_for_results_json(tmp_path: Path) -> None:
+    base, tuned = build_results()
+    tuned.rows[0].scores["exact_match"] = float("nan")
+    path = write_results(tmp_path / "eval", [tuned], build_examples())  # as `tunesmith eval` writes it
+    assert path == tmp_path / "eval" / "results.json" and [p.name for p in path.parent.iterdir()] == ["results.json"]
+    data = json.loads(path.read_text())  # strict JSON: NaN was written as null
+    assert set(data) == {"results", "examples"} and data["results"][0]["rows"][0]["scores"]["exact_match"] is None
+    write_report([base, tuned], build_examples(), tmp_path / "report")  # the report adds its comparison
+    assert set(json.loads((tmp_path / "report" / "results.json").read_text())) == {"results", "examples", "comparison"}

@@ -76,3 +76,33 @@ def test_perplexity_is_exp_of_token_weighted_loss() -> None:
     delta, lo, hi = paired_perplexity_delta_ci([1.0] * 8, [2.0] * 8)
     assert delta == pytest.approx(math.e - math.e**2)
     assert lo == pytest.approx(delta) and hi == pytest.approx(delta)
+
+
+def _direct_bootstrap(statistic, columns: list[np.ndarray], num_samples: int, seed: int) -> tuple[float, float]:
+    """The textbook percentile bootstrap, one resample at a time, drawing the same row indices."""
+    idx = np.random.default_rng(seed).integers(0, len(columns[0]), size=(num_samples, len(columns[0])))
+    samples = [statistic(*(c[rows] for c in columns)) for rows in idx]
+    lo, hi = np.quantile(samples, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def test_perplexity_intervals_match_a_direct_bootstrap() -> None:
+    rng = np.random.default_rng(3)
+    tuned, base = rng.uniform(0.5, 2.0, size=30), rng.uniform(1.5, 3.0, size=30)
+    tuned_n, base_n = rng.integers(1, 40, size=30).astype(float), rng.integers(1, 40, size=30).astype(float)
+
+    def ppl(loss: np.ndarray, n: np.ndarray) -> float:
+        return math.exp((loss * n).sum() / n.sum())  # token-weighted: long answers count for more
+
+    assert perplexity_ci(tuned, tuned_n, num_samples=200, seed=7) == pytest.approx(
+        _direct_bootstrap(ppl, [tuned, tuned_n], 200, 7), rel=1e-12)
+    delta, lo, hi = paired_perplexity_delta_ci(tuned, base, tuned_n, base_n, num_samples=200, seed=7)
+    assert delta == pytest.approx(ppl(tuned, tuned_n) - ppl(base, base_n), rel=1e-12)
+    assert (lo, hi) == pytest.approx(_direct_bootstrap(
+        lambda t, tn, b, bn: ppl(t, tn) - ppl(b, bn), [tuned, tuned_n, base, base_n], 200, 7), rel=1e-12)
+    assert lo < delta < hi < 0
+
+
+def test_identical_perplexity_rows_give_a_delta_of_exactly_zero() -> None:
+    losses, tokens = [0.3, 2.5, 1.1, 4.0, 0.9], [3, 12, 7, 1, 20]
+    assert paired_perplexity_delta_ci(losses, losses, tokens, tokens) == (0.0, 0.0, 0.0)

@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunesmith.errors import TunesmithError
+from tunesmith.eval.results import DEFAULT_METRICS, RESULTS_FILE
 
 if TYPE_CHECKING:  # heavy imports stay out of `tunesmith --help`
     from tunesmith.config import LoadConfig
     from tunesmith.model.generate import GenerationSettings
-
-DEFAULT_METRICS = ["exact_match", "contains"]  # as `tunesmith eval`; evaluate.py imports torch, so not from there
 
 
 def compare(
@@ -155,11 +154,11 @@ def main(args: argparse.Namespace) -> int:
     report = compare(models, args.data, args.out, metrics=args.metrics, settings=settings, load=load,
                      limit=args.limit, reward_model=args.reward_model)
     # The headline was computed once for the report; reading it back keeps console and report identical.
-    comparison = json.loads((report.parent / "results.json").read_text(encoding="utf-8"))["comparison"]
+    comparison = json.loads((report.parent / RESULTS_FILE).read_text(encoding="utf-8"))["comparison"]
     print("\n".join(comparison["headline"]))
     print("wrote:")
     print(f"  report   {report}")
-    print(f"  numbers  {report.parent / 'results.json'}")
+    print(f"  numbers  {report.parent / RESULTS_FILE}")
     for png in sorted(report.parent.glob("*.png")):
         print(f"  plot     {png}")
     return 0

@@ -8,7 +8,6 @@ train.max_length, which training truncates).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -25,14 +24,10 @@ from tunesmith.data.chat import has_chat_template, render_raw, render_with_spans
 from tunesmith.data.packing import collate, make_document
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.metrics import check_references, resolve_metrics, score_row
-from tunesmith.eval.results import EvalExample, EvalResult, EvalRow
+from tunesmith.eval.results import DEFAULT_METRICS, EvalExample, EvalResult, EvalRow, write_results
 from tunesmith.model.generate import GenerationSettings, generate
 from tunesmith.model.loading import ResolvedModel, load_model, load_tokenizer, resolve_model
 from tunesmith.model.lora import merged_state_dict
-
-RESULTS_FILE = "results.json"
-DEFAULT_METRICS = ["exact_match", "contains"]
-
 
 # ---------------------------------------------------------------- loading
 
@@ -131,28 +126,36 @@ def answer_tokens(tokenizer, examples: list[EvalExample]) -> list[tuple[list[int
 
 
 @torch.no_grad()
-def answer_loss(model, tokenizer, examples: list[EvalExample], batch_size: int = 16) -> tuple[float, int] | None:
-    """(sum of token losses, number of tokens) over the reference answers; None when no row has one."""
-    from tunesmith.core.next_token import CausalLMLoss
+def answer_losses(
+    model, tokenizer, examples: list[EvalExample], batch_size: int = 16
+) -> list[tuple[float, int] | None]:
+    """Per example, (sum of token losses, number of tokens) of its reference answer; None where it has none."""
+    from tunesmith.core.next_token import answer_logps
+    from tunesmith.model.parts import decoder_and_head
 
+    owners = [k for k, e in enumerate(examples) if e.reference is not None]  # answer_tokens keeps these, in order
     documents = [make_document(ids, labels) for ids, labels in answer_tokens(tokenizer, examples)]
+    out: list[tuple[float, int] | None] = [None] * len(examples)
     if not documents:
-        return None
-    loss_module = CausalLMLoss(model)
+        return out
+    decoder, head = decoder_and_head(model)
     device = next(model.parameters()).device
-    documents.sort(key=lambda d: len(d.input_ids))  # similar lengths together: little padding
+    order = sorted(range(len(documents)), key=lambda k: len(documents[k].input_ids))  # similar lengths: little padding
     was_training = model.training
     model.eval()
-    loss_sum, count = 0.0, 0
     try:
-        for start in range(0, len(documents), batch_size):
-            batch = collate(documents[start : start + batch_size], tokenizer.pad_token_id or 0)
-            s, n, _ = loss_module(**{k: v.to(device) for k, v in batch.items()})
-            loss_sum += float(s)
-            count += int(n)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = collate([documents[k] for k in chunk], tokenizer.pad_token_id or 0)
+            # one document per row: the row number says whose answer each token is (padding has no labels)
+            seq_index = torch.arange(len(chunk))[:, None].expand_as(batch["input_ids"])
+            logp_sums, counts = answer_logps(decoder, head, **{k: v.to(device) for k, v in batch.items()},
+                                             seq_index=seq_index.to(device))
+            for k, logp_sum, count in zip(chunk, logp_sums.tolist(), counts.tolist()):
+                out[owners[k]] = (-logp_sum, int(count))
     finally:
         model.train(was_training)
-    return loss_sum, count
+    return out
 
 
 # ---------------------------------------------------------------- evaluation
@@ -181,14 +184,17 @@ def evaluate(
 
     mean_loss = ppl = None
     timing: dict[str, float] = {}
+    row_losses: list[tuple[float, int] | None] = [None] * len(examples)
     if perplexity:
         started = time.perf_counter()
-        loss = answer_loss(model, tokenizer, examples, settings.batch_size)
+        row_losses = answer_losses(model, tokenizer, examples, settings.batch_size)
         timing["perplexity_seconds"] = time.perf_counter() - started
-        if loss is not None and loss[1] > 0:
-            mean_loss = loss[0] / loss[1]
+        counted = [x for x in row_losses if x is not None and x[1] > 0]
+        num_tokens = sum(n for _, n in counted)
+        if num_tokens > 0:  # the rows' losses add up to the corpus loss: the report's intervals resample them
+            mean_loss = math.fsum(s for s, _ in counted) / num_tokens
             ppl = math.exp(min(mean_loss, 50.0))  # capped like training's eval_ppl: exp(50) already means "lost"
-            timing["answer_tokens"] = float(loss[1])
+            timing["answer_tokens"] = float(num_tokens)
 
     outputs: list[str | None] = [None] * len(examples)
     generation: dict[str, Any] = asdict(settings) if generate_answers else {}
@@ -203,9 +209,12 @@ def evaluate(
         timing.update(seconds=seconds, new_tokens=float(sum(num_new)), new_tokens_per_s=sum(num_new) / max(seconds, 1e-9))
 
     rows = []
-    for example, output, n in zip(examples, outputs, num_new):
+    for example, output, n, loss in zip(examples, outputs, num_new, row_losses):
         scores, errors = score_row(metric_fns, example, output) if output is not None else ({}, {})
-        rows.append(EvalRow(index=example.index, output=output, scores=scores, errors=errors, num_new_tokens=n))
+        row = EvalRow(index=example.index, output=output, scores=scores, errors=errors, num_new_tokens=n)
+        if loss is not None and loss[1] > 0:
+            row.answer_loss, row.answer_tokens = loss[0] / loss[1], loss[1]
+        rows.append(row)
     means = {}
     for name in metric_fns:
         values = [r.scores[name] for r in rows if r.scores.get(name) is not None]
@@ -233,18 +242,6 @@ def default_out_dir(spec: str) -> Path:
     if name.lower().endswith(".gguf"):
         name = name[:-5]
     return Path(f"eval-{re.sub(r'[^A-Za-z0-9._-]', '_', name) or 'model'}")
-
-
-def write_results(out_dir: Path, results: list[EvalResult], examples: list[EvalExample]) -> Path:
-    """Write `{"results": [...], "examples": [...]}` to out_dir/results.json; returns its path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / RESULTS_FILE
-    payload = {"results": [r.to_dict() for r in results], "examples": [asdict(e) for e in examples]}
-    tmp = path.with_name(f".{RESULTS_FILE}.tmp")
-    # default=str: extra fields of Parquet or HF rows may hold dates or bytes
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
 
 
 def format_table(result: EvalResult, num_with_reference: int) -> str:

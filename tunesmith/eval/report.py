@@ -1,24 +1,27 @@
 """The base-vs-tuned report: results.json with every number, PNG plots, and one self-contained report.html.
 
 report.html opens offline and can be mailed as one file: CSS is inline, the plots are embedded as
-base64 data URIs, and nothing is fetched (no fonts, scripts or links to other hosts). Every string
-that came from the user (labels, paths, prompts, references, outputs) is HTML-escaped.
+base64 data URIs, and nothing is fetched (no fonts, scripts or links to other hosts). The page is
+templates/report.html.j2, rendered with autoescape: every string that came from the user (labels,
+paths, prompts, references, outputs) is HTML-escaped. This module computes the numbers and formats
+them; the template only lays them out.
 """
 
 from __future__ import annotations
 
 import base64
-import html
-import json
+import functools
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
+
 from tunesmith.eval import plots
-from tunesmith.eval.results import EvalExample, EvalResult, EvalRow
+from tunesmith.eval.results import REWARD, EvalExample, EvalResult, EvalRow, write_results
 from tunesmith.eval.stats import bootstrap_ci, paired_delta_ci, paired_perplexity_delta_ci, perplexity_ci
 
 CONFIDENCE = 0.95
@@ -26,7 +29,6 @@ NUM_BOOTSTRAP = 2000
 SEED = 0  # one seed for every model: the same row scores give the same interval in any column
 MAX_EXAMPLES = 200  # rows shown in report.html; results.json holds all of them
 PERPLEXITY = "perplexity"
-REWARD = "reward"  # reward-model scores of the generated answers (tunesmith.eval.score)
 WIN_RATE = "reward_win_rate"  # share of rows where the reward model prefers a model's answer to the base's
 
 
@@ -205,17 +207,18 @@ def _perplexity_measure(results: list[EvalResult], base: EvalResult) -> Measure:
 
 
 def _row_losses(result: EvalResult) -> dict[int, tuple[float, float]]:
-    """Row index -> (mean token loss, token count) of each reference answer, where the rows carry them.
+    """Row index -> (mean token loss, token count) of each reference answer behind the perplexity.
 
-    evaluate() records one loss over all answer tokens, so today this is empty and perplexity has no
-    interval; rows that gain `answer_loss` (mean over the answer's tokens) and `answer_tokens` get one.
+    Rows without a reference carry no loss and are not part of the perplexity. Empty when no row carries
+    one (results saved before evaluate() recorded them) or when a loss is not finite: no interval then.
     """
     out = {}
     for row in result.rows:
-        loss, tokens = getattr(row, "answer_loss", None), getattr(row, "answer_tokens", None)
-        if loss is None or not tokens or not math.isfinite(loss):
-            return {}  # an interval from a subset of rows would describe other data
-        out[row.index] = (float(loss), float(tokens))
+        if row.answer_loss is None or not row.answer_tokens:
+            continue
+        if not math.isfinite(row.answer_loss):
+            return {}
+        out[row.index] = (float(row.answer_loss), float(row.answer_tokens))
     return out
 
 
@@ -340,14 +343,7 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     comparison = compare_results(results, base_label)
-    payload = {
-        "results": [r.to_dict() for r in results],
-        "examples": [asdict(e) for e in examples],
-        "comparison": _comparison_dict(comparison),
-    }
-    (out_dir / "results.json").write_text(
-        json.dumps(_finite_or_none(payload), indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
-    )
+    write_results(out_dir, results, examples, _comparison_dict(comparison))
     images = _write_plots(results, comparison, out_dir)
     page = _render_html(results, examples, comparison, images, title=title)
     path = out_dir / "report.html"
@@ -381,17 +377,6 @@ def _comparison_dict(c: Comparison) -> dict[str, Any]:
         },
         "disagreements": c.disagreements,
     }
-
-
-def _finite_or_none(value: Any) -> Any:
-    """NaN and infinity become null: JSON has no such numbers and other tools reject them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    return value
 
 
 @dataclass
@@ -452,57 +437,19 @@ def _write_plots(results: list[EvalResult], c: Comparison, out_dir: Path) -> dic
 
 # ---------------------------------------------------------------- HTML
 
-
-_CSS = """
-:root { --ink:#1f2937; --muted:#6b7280; --line:#e5e7eb; --bg:#f8fafc;
-        --win:#166534; --win-bg:#dcfce7; --loss:#991b1b; --loss-bg:#fee2e2; --mid-bg:#fef9c3; }
-* { box-sizing: border-box; }
-body { margin:0; background:var(--bg); color:var(--ink);
-       font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
-main { max-width: 1180px; margin: 0 auto; padding: 28px 32px 48px; }
-h1 { font-size: 26px; margin: 0 0 4px; }
-h2 { font-size: 19px; margin: 36px 0 8px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
-p.meta, p.note, figcaption, .muted { color: var(--muted); font-size: 13.5px; }
-p.note { margin: 4px 0 12px; max-width: 900px; }
-.headline { background:#fff; border:1px solid var(--line); border-left: 6px solid var(--muted);
-            border-radius: 8px; padding: 14px 18px; margin: 18px 0 8px; font-size: 17px; }
-.headline.better { border-left-color: #16a34a; } .headline.worse { border-left-color: #dc2626; }
-.headline p { margin: 4px 0; }
-table { border-collapse: collapse; background:#fff; border:1px solid var(--line); }
-th, td { padding: 7px 10px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
-thead th { background:#f1f5f9; font-size: 13px; text-transform: none; color:#334155; }
-table.scores td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; }
-table.scores .ci { display:block; color: var(--muted); font-size: 12px; }
-.dir { display:block; color: var(--muted); font-size: 12px; font-weight: normal; }
-td.better { background: var(--win-bg); color: var(--win); font-weight: 600; }
-td.worse { background: var(--loss-bg); color: var(--loss); font-weight: 600; }
-td.level { color: var(--muted); }
-td.better .ci, td.worse .ci { color: inherit; font-weight: normal; opacity: .8; }
-.swatch { display:inline-block; width:10px; height:10px; border-radius:2px; margin-right:6px; vertical-align: 0; }
-figure { margin: 12px 0; display:inline-block; vertical-align: top; background:#fff; border:1px solid var(--line);
-         border-radius: 8px; padding: 8px; max-width: 100%; }
-figure img { display:block; max-width: 100%; height: auto; }
-figcaption { padding: 4px 4px 0; max-width: 700px; }
-table.examples { table-layout: fixed; width: 100%; }
-table.examples td { font-size: 13px; }
-div.prompt { white-space: pre-wrap; overflow-wrap: anywhere; max-height: 16em; overflow: auto; }
-pre { margin: 0; font: 12.5px/1.45 ui-monospace, SFMono-Regular, Menlo, Consolas, "Liberation Mono", monospace;
-      white-space: pre-wrap; overflow-wrap: anywhere; max-height: 16em; overflow: auto; }
-td.out.win { background: #f0fdf4; box-shadow: inset 3px 0 0 #16a34a; }
-td.out.loss { background: #fef2f2; box-shadow: inset 3px 0 0 #dc2626; }
-td.out.mid { background: #fefce8; box-shadow: inset 3px 0 0 #ca8a04; }
-.rowscores { margin-top: 6px; font-size: 12px; color: #475569; }
-.rowscores .err { color: var(--loss); }
-.badge { display:inline-block; margin-top: 4px; padding: 0 6px; border-radius: 9px; font-size: 11px;
-         background:#e0e7ff; color:#3730a3; }
-tr.sep td { background:#f1f5f9; color:#334155; font-weight:600; font-size: 13px; }
-table.models td { font-size: 13.5px; } table.models code { overflow-wrap: anywhere; }
-footer { margin-top: 40px; color: var(--muted); font-size: 12.5px; }
-"""
+TEMPLATE = "report.html.j2"  # in templates/ beside this file
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+@functools.cache
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+        autoescape=True,  # every value is text: user strings never become markup
+        undefined=jinja2.StrictUndefined,  # a misspelt name fails instead of rendering as nothing
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
 
 
 def _data_uri(path: Path) -> str:
@@ -520,35 +467,26 @@ def _render_html(
     """The report page as one HTML string (no external resources)."""
     colors = plots.model_colors(c.labels, c.base_label)
     verdicts = {m.scores[k].verdict for m in c.measures[:1] for k in m.scores if k != c.base_label}
-    tone = "better" if verdicts == {"better"} else "worse" if verdicts == {"worse"} else ""
-    data = results[0].data if results else ""
-    when = time.strftime("%Y-%m-%d %H:%M")
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body><main>",
-        f"<h1>{_e(title)}</h1>",
-        f'<p class="meta">{len(c.labels)} models on the same {c.num_rows} rows of <code>{_e(data)}</code>'
-        f"{_e(_settings_text(results))} &middot; written {_e(when)}</p>",
-        f'<section class="headline {tone}" id="headline">'
-        + "".join(f"<p>{_e(line)}</p>" for line in c.headline) + "</section>",
-        _scores_section(c, colors),
-    ]
-    if images["scores"]:
-        parts.append("<h2>Scores at a glance</h2>")
-        parts += [_figure(img) for img in images["scores"]]
-    if images["training"]:
-        parts.append("<h2>Training</h2>")
-        parts.append('<p class="note">Loss logged by the training run (metrics.jsonl): training loss per step, '
-                     "and eval loss on held-out data when the run had it.</p>")
-        parts += [_figure(img) for img in images["training"]]
-    parts.append(_examples_section(results, examples, c, colors))
-    parts.append(_models_section(results, colors))
-    parts.append("<footer>Written by tunesmith. Every number on this page, and every row, is in "
-                 "<code>results.json</code> beside this file.</footer>")
-    parts.append("</main></body></html>")
-    return "\n".join(parts) + "\n"
+    page = _environment().get_template(TEMPLATE).render(
+        title=title,
+        num_models=len(c.labels),
+        num_rows=c.num_rows,
+        data=results[0].data if results else "",
+        settings=_settings_text(results),
+        when=time.strftime("%Y-%m-%d %H:%M"),
+        tone="better" if verdicts == {"better"} else "worse" if verdicts == {"worse"} else "",
+        headline=c.headline,
+        base_label=c.base_label,
+        columns=[{"label": k, "color": colors[k]} for k in c.labels],
+        others=[k for k in c.labels if k != c.base_label],
+        scores=_scores_table(c),
+        images={group: [{"src": _data_uri(img.path), "alt": img.alt, "caption": img.caption} for img in imgs]
+                for group, imgs in images.items()},
+        examples=_examples_table(results, examples, c),
+        models=[_model_row(r, colors) for r in results],
+    )
+    # markupsafe writes a double quote as &#34;; the report has always used the named entity
+    return page.replace("&#34;", "&quot;")
 
 
 def _settings_text(results: list[EvalResult]) -> str:
@@ -561,73 +499,47 @@ def _settings_text(results: list[EvalResult]) -> str:
     return f" · {mode}" + (f", at most {limit} new tokens" if limit else "")
 
 
-def _scores_section(c: Comparison, colors: dict[str, str]) -> str:
+def _scores_table(c: Comparison) -> dict[str, Any]:
+    """The rows of the scores table: each measure's formatted values and deltas, in column order."""
     others = [k for k in c.labels if k != c.base_label]
-    head = "".join(f"<th>{_swatch(colors[k])}{_e(k)}</th>" for k in c.labels)
-    head += "".join(f"<th>&Delta; {_e(k)} &minus; {_e(c.base_label)}</th>" for k in others)
-    body = []
+    rows = []
     for m in c.measures:
-        direction = "higher is better" if m.higher_is_better else "lower is better"
-        arrow = "&uarr;" if m.higher_is_better else "&darr;"
-        cells = [f'<th scope="row">{_e(_pretty(m.name))}<span class="dir">{arrow} {direction}</span></th>']
+        cells: list[dict[str, str] | None] = []
         for label in c.labels:
             s = m.scores.get(label)
-            if s is None:
-                cells.append('<td class="num muted">&mdash;</td>')
-                continue
-            ci = _fmt_interval(s.lo, s.hi, m.percent, signed=False)
-            ci_html = f'<span class="ci">95% CI {_e(ci)}</span>' if ci else _NO_CI
-            cells.append(f'<td class="num">{_e(_fmt_value(s.value, m.percent))}{ci_html}</td>')
+            cells.append(None if s is None else {
+                "text": _fmt_value(s.value, m.percent),
+                "ci": _fmt_interval(s.lo, s.hi, m.percent, signed=False),
+            })
+        deltas: list[dict[str, str] | None] = []
         for label in others:
             s = m.scores.get(label)
             if s is None or s.delta is None:
-                cells.append('<td class="num muted">&mdash;</td>')
+                deltas.append(None)
                 continue
-            ci = _fmt_interval(s.delta_lo, s.delta_hi, m.percent, signed=True)
-            ci_html = f'<span class="ci">95% CI {_e(ci)}</span>' if ci else _NO_CI
             verdict = s.verdict or "level"
-            word = {"better": "better", "worse": "worse", "level": "within noise"}[verdict]
-            cells.append(f'<td class="num {verdict}" title="{word}">{_e(_fmt_delta(s.delta, m.percent))}'
-                         f"{ci_html}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    note = (
-        f"Mean over the rows each model was scored on. Intervals are {int(CONFIDENCE * 100)}% bootstrap "
-        f"confidence intervals ({NUM_BOOTSTRAP} resamples of the rows); each &Delta; is paired by row. "
-        "Green: the model is better than the base and the interval excludes zero; red: worse; grey: within noise. "
-        "Percentages are shares of rows; deltas in points. Perplexity is that of the reference answers, "
-        "lower is better."
-    )
-    if any(m.name == WIN_RATE for m in c.measures):
-        note += (" Reward is the reward model's score of each generated answer; reward win rate is the share of "
-                 "rows where it scores the model's answer above the base's (ties count half), and its &Delta; is "
-                 "measured against an even 50%.")
+            deltas.append({
+                "text": _fmt_delta(s.delta, m.percent),
+                "ci": _fmt_interval(s.delta_lo, s.delta_hi, m.percent, signed=True),
+                "verdict": verdict,
+                "word": {"better": "better", "worse": "worse", "level": "within noise"}[verdict],
+            })
+        rows.append({"name": _pretty(m.name), "higher_is_better": m.higher_is_better, "cells": cells,
+                     "deltas": deltas})
     ppl = next((m for m in c.measures if m.name == PERPLEXITY), None)
-    if ppl is not None and any(s.delta is not None and s.delta_lo is None for s in ppl.scores.values()):
-        note += " Perplexity has no interval (the evaluation keeps one loss over all rows), so its colour shows " \
-                "only the direction of the change."
-    return (
-        f'<h2>Scores</h2><p class="note">{note}</p>'
-        f'<table class="scores" id="scores"><thead><tr><th>measure</th>{head}</tr></thead>'
-        f"<tbody>{''.join(body)}</tbody></table>"
-    )
+    return {
+        "rows": rows,
+        "confidence": int(CONFIDENCE * 100),
+        "num_bootstrap": NUM_BOOTSTRAP,
+        "win_rate": any(m.name == WIN_RATE for m in c.measures),
+        "perplexity_without_interval": ppl is not None and any(
+            s.delta is not None and s.delta_lo is None for s in ppl.scores.values()
+        ),
+    }
 
 
-_NO_CI = ('<span class="ci" title="the evaluation recorded one loss over all rows, not one per row, '
-          'so there is nothing to resample">no interval</span>')
-
-
-def _swatch(color: str) -> str:
-    return f'<span class="swatch" style="background:{_e(color)}"></span>'
-
-
-def _figure(img: _Image) -> str:
-    return (f'<figure><img src="{_data_uri(img.path)}" alt="{_e(img.alt)}">'
-            f"<figcaption>{_e(img.caption)}</figcaption></figure>")
-
-
-def _examples_section(
-    results: list[EvalResult], examples: list[EvalExample], c: Comparison, colors: dict[str, str]
-) -> str:
+def _examples_table(results: list[EvalResult], examples: list[EvalExample], c: Comparison) -> dict[str, Any]:
+    """The rows of the examples table: disagreeing rows first, each with every model's output cell."""
     rows_by_model = [{row.index: row for row in r.rows} for r in results]
     by_index = {e.index: e for e in examples}
     indices = sorted({i for rows in rows_by_model for i in rows} | set(by_index))
@@ -638,71 +550,52 @@ def _examples_section(
     num_models = len(results)
     # Prompt and reference get fixed shares; the model columns split the rest evenly.
     model_share = 64 / max(num_models, 1) if num_models <= 2 else 70 / num_models
-    cols = (
-        '<col style="width:4.5em"><col style="width:20%"><col style="width:14%">'
-        + "".join(f'<col style="width:{model_share:.1f}%">' for _ in results)
-    )
-    head = "<th>row</th><th>prompt</th><th>reference</th>" + "".join(
-        f"<th>{_swatch(colors[r.label])}{_e(r.label)}</th>" for r in results
-    )
-    body = []
-    num_cols = 3 + num_models
+    rows: list[dict[str, Any]] = []
     for pos, i in enumerate(shown):
         if pos == 0 and i in disagree:
-            body.append(f'<tr class="sep"><td colspan="{num_cols}">Rows where the models disagree '
-                        f"({len(disagree)})</td></tr>")
+            rows.append({"separator": f"Rows where the models disagree ({len(disagree)})"})
         if i not in disagree and (pos == 0 or shown[pos - 1] in disagree):
-            body.append(f'<tr class="sep"><td colspan="{num_cols}">Rows where the models agree '
-                        f"({len(indices) - len(disagree)})</td></tr>")
+            rows.append({"separator": f"Rows where the models agree ({len(indices) - len(disagree)})"})
         ex = by_index.get(i)
-        prompt = ex.prompt if ex else ""
-        reference = ex.reference if ex and ex.reference is not None else ""
-        badge = '<span class="badge">differ</span>' if i in disagree else ""
-        cells = [
-            f'<td>{i}<br>{badge}</td>' if badge else f"<td>{i}</td>",
-            f'<td><div class="prompt">{_e(prompt)}</div></td>',
-            f"<td><pre>{_e(reference)}</pre></td>" if reference else '<td class="muted">none</td>',
-        ]
-        for rows in rows_by_model:
-            cells.append(_output_cell(rows.get(i), primary))
-        body.append(f'<tr data-row="{i}"' + (' class="disagree"' if i in disagree else "") + ">"
-                    + "".join(cells) + "</tr>")
-    shown_note = (
-        f"Showing {len(shown)} of {len(indices)} rows. " if len(shown) < len(indices) else ""
-    )
-    note = (
-        f"{shown_note}Rows where the models score differently come first. Each output cell shows the row's "
-        "scores; its colour follows "
-        + (f"<b>{_e(_pretty(primary))}</b>" if primary else "the first metric")
-        + " (green: full score, red: zero). Every row is in results.json."
-    )
-    return (
-        f'<h2>Examples side by side</h2><p class="note">{note}</p>'
-        f'<table class="examples" id="examples"><colgroup>{cols}</colgroup>'
-        f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-    )
+        rows.append({
+            "separator": None,
+            "index": i,
+            "differ": i in disagree,
+            "prompt": ex.prompt if ex else "",
+            "reference": ex.reference if ex and ex.reference is not None else "",
+            "outputs": [_output_cell(by_model.get(i), primary) for by_model in rows_by_model],
+        })
+    return {
+        "rows": rows,
+        "num_shown": len(shown),
+        "num_rows": len(indices),
+        "primary": _pretty(primary) if primary else None,
+        "model_share": f"{model_share:.1f}",
+    }
 
 
-def _output_cell(row: EvalRow | None, primary: str | None) -> str:
+def _output_cell(row: EvalRow | None, primary: str | None) -> dict[str, Any] | None:
+    """One model's answer on one row, its scores and errors, and the tone of its score on `primary`."""
     if row is None:
-        return '<td class="muted">not evaluated</td>'
+        return None
     score = row.scores.get(primary) if primary else None
     tone = ""
     if score is not None and math.isfinite(score):
-        tone = " win" if score >= 1.0 else " loss" if score <= 0.0 else " mid"
+        tone = "win" if score >= 1.0 else "loss" if score <= 0.0 else "mid"
     text = row.output if row.output is not None else ""
-    if text.strip():
-        out = f"<pre>{_e(text)}</pre>"
-    else:  # a blank answer would be an empty, tall cell: say what it held instead
-        out = f'<span class="muted">{_e(_describe_blank(text))}</span>'
     bits = []
     for name, value in row.scores.items():
         shown = "n/a" if value is None or not math.isfinite(value) else f"{value:.3g}"
-        bits.append(f"{_e(_pretty(name))} {_e(shown)}")
+        bits.append({"text": f"{_pretty(name)} {shown}", "error": False})
     for name, message in row.errors.items():
-        bits.append(f'<span class="err">{_e(_pretty(name))}: {_e(message)}</span>')
-    scores = f'<div class="rowscores">{" &middot; ".join(bits)}</div>' if bits else ""
-    return f'<td class="out{tone}">{out}{scores}</td>'
+        bits.append({"text": f"{_pretty(name)}: {message}", "error": True})
+    return {
+        "tone": tone,
+        "text": text,
+        # a blank answer would be an empty, tall cell: say what it held instead
+        "blank": None if text.strip() else _describe_blank(text),
+        "scores": bits,
+    }
 
 
 def _describe_blank(text: str) -> str:
@@ -715,21 +608,13 @@ def _describe_blank(text: str) -> str:
     return f"(blank answer: {' and '.join(parts)})"
 
 
-def _models_section(results: list[EvalResult], colors: dict[str, str]) -> str:
-    rows = []
-    for r in results:
-        timing = r.timing or {}
-        speed = []
-        if timing.get("seconds") is not None:
-            speed.append(f"{timing['seconds']:.1f} s")
-        if timing.get("new_tokens_per_s") is not None:
-            speed.append(f"{timing['new_tokens_per_s']:.1f} new tokens/s")
-        rows.append(
-            f"<tr><td>{_swatch(colors[r.label])}{_e(r.label)}</td><td><code>{_e(r.spec)}</code></td>"
-            f"<td>{'<code>' + _e(r.run_dir) + '</code>' if r.run_dir else '&mdash;'}</td>"
-            f"<td>{_e(', '.join(speed)) or '&mdash;'}</td></tr>"
-        )
-    return (
-        '<h2>Models</h2><table class="models" id="models"><thead><tr><th>label</th><th>loaded from</th>'
-        f"<th>training run</th><th>generation time</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
-    )
+def _model_row(r: EvalResult, colors: dict[str, str]) -> dict[str, Any]:
+    """One row of the models table: where the model came from and how fast it generated."""
+    timing = r.timing or {}
+    speed = []
+    if timing.get("seconds") is not None:
+        speed.append(f"{timing['seconds']:.1f} s")
+    if timing.get("new_tokens_per_s") is not None:
+        speed.append(f"{timing['new_tokens_per_s']:.1f} new tokens/s")
+    return {"label": r.label, "color": colors[r.label], "spec": r.spec, "run_dir": r.run_dir,
+            "speed": ", ".join(speed)}

@@ -1,17 +1,26 @@
 """What an evaluation produces: per-row outputs and scores, and per-model aggregates.
 
 `tunesmith eval`, `tunesmith compare` and the report built into `train` all read and write these,
-and `results.json` is their plain-data form.
+and `results.json` is their plain-data form (written by `write_results`). Nothing here imports torch,
+so command-line parsing can use the names below.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from tunesmith.data.examples import EvalExample
+if TYPE_CHECKING:
+    from tunesmith.data.examples import EvalExample
 
-__all__ = ["EvalExample", "EvalResult", "EvalRow"]
+__all__ = ["DEFAULT_METRICS", "REWARD", "RESULTS_FILE", "EvalExample", "EvalResult", "EvalRow", "write_results"]
+
+RESULTS_FILE = "results.json"
+DEFAULT_METRICS = ["exact_match", "contains"]  # of `tunesmith eval` and `tunesmith compare`
+REWARD = "reward"  # the metric name of reward-model scores (tunesmith.eval.score) in results and reports
 
 
 @dataclass
@@ -23,6 +32,8 @@ class EvalRow:
     scores: dict[str, float | None]  # metric -> score; None where the metric failed on this row
     errors: dict[str, str] = field(default_factory=dict)  # metric -> error message for this row
     num_new_tokens: int = 0
+    answer_loss: float | None = None  # mean token loss of the reference answer (None: no reference, or not measured)
+    answer_tokens: int = 0  # the answer tokens that loss is over; the result's perplexity counts them all
 
 
 @dataclass
@@ -50,3 +61,41 @@ class EvalResult:
         data = dict(data)
         data["rows"] = [EvalRow(**r) for r in data.get("rows", [])]
         return cls(**data)
+
+
+def __getattr__(name: str) -> Any:
+    """EvalExample, imported when first asked for: tunesmith.data loads torch, which this module must not."""
+    if name == "EvalExample":
+        from tunesmith.data.examples import EvalExample
+
+        return EvalExample
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def write_results(
+    out_dir: Path, results: list[EvalResult], examples: list[EvalExample], comparison: dict[str, Any] | None = None
+) -> Path:
+    """Write results, examples and the report's comparison (when given) to out_dir/results.json; returns its path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload: dict[str, Any] = {"results": [r.to_dict() for r in results], "examples": [asdict(e) for e in examples]}
+    if comparison is not None:
+        payload["comparison"] = comparison
+    path = out_dir / RESULTS_FILE
+    tmp = path.with_name(f".{RESULTS_FILE}.tmp")
+    # default=str: extra fields of Parquet or HF rows may hold dates or bytes
+    tmp.write_text(json.dumps(_finite_or_none(payload), indent=2, ensure_ascii=False, default=str) + "\n",
+                   encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def _finite_or_none(value: Any) -> Any:
+    """NaN and infinity become null: JSON has no such numbers and other tools reject them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value

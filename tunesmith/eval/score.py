@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import TunesmithError
-from tunesmith.eval.results import EvalExample, EvalResult
-
-REWARD = "reward"  # the metric name of reward-model scores in results and reports
+from tunesmith.eval.results import REWARD, EvalExample, EvalResult
 
 
 def score_file(reward_model: str, data: str, out: str | Path | None = None, *, batch_size: int = 8,
