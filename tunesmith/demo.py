@@ -198,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             "eval": {"metrics": list(METRICS), "max_new_tokens": 48, "batch_size": 16, "max_rows": None},
         }
     )
-    report = json.loads((result.run_dir / "report/results.json").read_text(encoding="utf-8"))
+    from tunesmith.eval.results import RESULTS_FILE
+
+    report = json.loads((result.run_dir / "report" / RESULTS_FILE).read_text(encoding="utf-8"))
     base, tuned = report["results"]
     stages = {"base": base, "sft": tuned}
     runs = {"sft": result.run_dir}

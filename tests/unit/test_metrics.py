@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tunesmith.data.examples import EvalExample
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.metrics import (
     check_references,
@@ -16,7 +17,6 @@ from tunesmith.eval.metrics import (
     resolve_metrics,
     score_row,
 )
-from tunesmith.eval.results import EvalExample
 
 USER_METRICS = '''
 def length_ratio(prompt, output, reference):

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from tunesmith.data.examples import EvalExample
 from tunesmith.eval.report import CONFIDENCE, NUM_BOOTSTRAP, SEED, compare_results, headline, write_report
-from tunesmith.eval.results import EvalExample, EvalResult, EvalRow, write_results
+from tunesmith.eval.results import EvalResult, EvalRow, write_results
 from tunesmith.eval.stats import perplexity_ci
 
 NUM_ROWS = 16

@@ -21,13 +21,15 @@ import torch
 
 from tunesmith.config import LoadConfig
 from tunesmith.data.chat import has_chat_template, render_raw, render_with_spans, tokenize_with_spans
+from tunesmith.data.examples import EvalExample
 from tunesmith.data.packing import collate, make_document
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.metrics import check_references, resolve_metrics, score_row
-from tunesmith.eval.results import DEFAULT_METRICS, EvalExample, EvalResult, EvalRow, write_results
+from tunesmith.eval.results import DEFAULT_METRICS, EvalResult, EvalRow, write_results
 from tunesmith.model.generate import GenerationSettings, generate
 from tunesmith.model.loading import ResolvedModel, load_model, load_tokenizer, resolve_model
 from tunesmith.model.lora import merged_state_dict
+from tunesmith.ops.losses import perplexity as perplexity_of
 
 # ---------------------------------------------------------------- loading
 
@@ -193,7 +195,7 @@ def evaluate(
         num_tokens = sum(n for _, n in counted)
         if num_tokens > 0:  # the rows' losses add up to the corpus loss: the report's intervals resample them
             mean_loss = math.fsum(s for s, _ in counted) / num_tokens
-            ppl = math.exp(min(mean_loss, 50.0))  # capped like training's eval_ppl: exp(50) already means "lost"
+            ppl = perplexity_of(mean_loss)  # capped as training's eval_ppl
             timing["answer_tokens"] = float(num_tokens)
 
     outputs: list[str | None] = [None] * len(examples)

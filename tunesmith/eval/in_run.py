@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.config import Config
-from tunesmith.data.examples import load_eval_examples
+from tunesmith.data.examples import EvalExample, load_eval_examples
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.metrics import resolve_metrics
-from tunesmith.eval.results import EvalExample, EvalResult
+from tunesmith.eval.results import EvalResult
 from tunesmith.model.generate import GenerationSettings
 
 log = logging.getLogger(__name__)

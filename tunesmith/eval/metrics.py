@@ -13,8 +13,8 @@ import math
 import numbers
 from collections.abc import Callable
 
+from tunesmith.data.examples import EvalExample
 from tunesmith.errors import TunesmithError
-from tunesmith.eval.results import EvalExample
 from tunesmith.scoring import (
     contains,
     describe_error,

@@ -20,8 +20,9 @@ from typing import Any
 
 import jinja2
 
+from tunesmith.data.examples import EvalExample
 from tunesmith.eval import plots
-from tunesmith.eval.results import REWARD, EvalExample, EvalResult, EvalRow, write_results
+from tunesmith.eval.results import REWARD, EvalResult, EvalRow, write_results
 from tunesmith.eval.stats import bootstrap_ci, paired_delta_ci, paired_perplexity_delta_ci, perplexity_ci
 
 CONFIDENCE = 0.95

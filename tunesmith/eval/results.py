@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from tunesmith.data.examples import EvalExample
 
-__all__ = ["DEFAULT_METRICS", "REWARD", "RESULTS_FILE", "EvalExample", "EvalResult", "EvalRow", "write_results"]
+__all__ = ["DEFAULT_METRICS", "REWARD", "RESULTS_FILE", "EvalResult", "EvalRow", "write_results"]
 
 RESULTS_FILE = "results.json"
 DEFAULT_METRICS = ["exact_match", "contains"]  # of `tunesmith eval` and `tunesmith compare`
@@ -61,15 +61,6 @@ class EvalResult:
         data = dict(data)
         data["rows"] = [EvalRow(**r) for r in data.get("rows", [])]
         return cls(**data)
-
-
-def __getattr__(name: str) -> Any:
-    """EvalExample, imported when first asked for: tunesmith.data loads torch, which this module must not."""
-    if name == "EvalExample":
-        from tunesmith.data.examples import EvalExample
-
-        return EvalExample
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def write_results(

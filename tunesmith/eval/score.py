@@ -12,8 +12,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from tunesmith.data.examples import EvalExample
 from tunesmith.errors import TunesmithError
-from tunesmith.eval.results import REWARD, EvalExample, EvalResult
+from tunesmith.eval.results import REWARD, EvalResult
 
 
 def score_file(reward_model: str, data: str, out: str | Path | None = None, *, batch_size: int = 8,
