@@ -17,6 +17,8 @@ import yaml
 
 from tunesmith.errors import TunesmithError
 
+DEFAULT_METRICS = ("exact_match", "contains")  # of the report built into train, `tunesmith eval` and `compare`
+
 
 def _doc(text: str) -> dict[str, str]:
     return {"doc": text}
@@ -149,7 +151,7 @@ class EvalConfig:
     """The base-vs-tuned evaluation a run ends with (on data.test, or on sft's data.eval)."""
 
     before: bool = field(default=True, metadata=_doc("evaluate the base model before the first step and write the comparison report"))
-    metrics: list[str] = field(default_factory=lambda: ["exact_match", "contains"], metadata=_doc("generation metrics: exact_match, contains, json_equal, or module:function"))
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS), metadata=_doc("generation metrics: exact_match, contains, json_equal, or module:function"))
     max_new_tokens: int = field(default=128, metadata=_doc("longest generated answer"))
     max_rows: int | None = field(default=200, metadata=_doc("evaluate at most this many rows (null = all)"))
     batch_size: int = field(default=16, metadata=_doc("prompts generated together"))

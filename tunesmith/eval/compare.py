@@ -132,7 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="another model to put in the same tables (repeatable)")
     parser.add_argument("--data", required=True, metavar="FILE", help="rows with reference answers (.jsonl/.json/.csv/.parquet, HF dataset)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for report.html, results.json and the plots")
-    parser.add_argument("--metrics", nargs="+", default=DEFAULT_METRICS, metavar="METRIC",
+    parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), metavar="METRIC",
                         help=f"generation metrics (default: {' '.join(DEFAULT_METRICS)}); module:function for your own")
     parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="longest generated answer")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="prompts generated together")

@@ -285,7 +285,7 @@ def run_eval_command(args: Any) -> int:
     num_with_reference = sum(e.reference is not None for e in examples)
     generate_answers = not args.no_generate
     if args.metrics is None:  # not given: the defaults when every row has a reference, else generation only
-        metrics = DEFAULT_METRICS if generate_answers and num_with_reference == len(examples) else []
+        metrics = list(DEFAULT_METRICS) if generate_answers and num_with_reference == len(examples) else []
     else:
         metrics = list(args.metrics)
     check_references(resolve_metrics(metrics), examples, args.data)  # before the (slow) model load

@@ -13,13 +13,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tunesmith.config import DEFAULT_METRICS
+
 if TYPE_CHECKING:
     from tunesmith.data.examples import EvalExample
 
 __all__ = ["DEFAULT_METRICS", "REWARD", "RESULTS_FILE", "EvalResult", "EvalRow", "write_results"]
 
 RESULTS_FILE = "results.json"
-DEFAULT_METRICS = ["exact_match", "contains"]  # of `tunesmith eval` and `tunesmith compare`
 REWARD = "reward"  # the metric name of reward-model scores (tunesmith.eval.score) in results and reports
 
 
