@@ -229,7 +229,7 @@ def test_roomy_cache_layer_holds_what_a_growing_layer_holds() -> None:
 
     plain = DynamicLayer()
     plain.update(*kv(5, 7))
-    roomy = generate_module._RoomyLayer(plain, room=3)
+    roomy = generate_module.RoomyLayer(plain, room=3)
     for step in range(6):  # three steps fill the room; the fourth grows the buffers
         if step == 2:
             keep = torch.tensor([0, 2, 4])

@@ -60,12 +60,19 @@ def _packable(model: nn.Module, lora: list[tuple[nn.Module, list[str]]]) -> bool
 
 
 @contextmanager
-def decoding_weights(model: nn.Module) -> Iterator[str]:
-    """Inside (and without gradients): the model's linears on their decoding weights; yields "packed", "merged" or "plain"."""
+def decoding_weights(model: nn.Module, *, merge_lora: bool = True) -> Iterator[str]:
+    """Inside (and without gradients): the model's linears on their decoding weights; yields "packed", "merged" or "plain".
+
+    With `merge_lora=False` (several adapters chosen per row) the LoRA layers keep computing their adapters, on
+    top of packed base weights.
+    """
     if torch.is_grad_enabled():
         raise RuntimeError("decoding_weights is for generation: enter it under torch.no_grad()")
-    lora = mergeable_lora_layers(model)
+    lora = mergeable_lora_layers(model) if merge_lora else []
     if not _packable(model, lora):
+        if not merge_lora:
+            yield "plain"
+            return
         with merged_lora(model) as merged:
             yield "merged" if merged else "plain"
         return

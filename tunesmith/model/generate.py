@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -237,7 +238,7 @@ class _Decoder:
             logits = logits[repeat]
             cache.batch_select_indices(repeat)
         if self.can_join_caches:  # plain growing layers: give them room for every token still to come
-            cache.layers = [_RoomyLayer(layer, self.settings.max_new_tokens) for layer in cache.layers]
+            cache.layers = [RoomyLayer(layer, self.settings.max_new_tokens) for layer in cache.layers]
         return logits, cache, attention_mask
 
     def prefill_distinct(self, prompts: list[list[int]]):
@@ -280,56 +281,68 @@ class _Decoder:
 
     def pick(self, logits: torch.Tensor) -> torch.Tensor:
         """The next token of every row: argmax when greedy, else a seeded sample after temperature, top-k, top-p."""
-        settings = self.settings
         if self.sampler is None:
             return logits.argmax(-1)
-        logits = logits / settings.temperature  # (rows, vocab)
-        if 0 < settings.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, settings.top_k, dim=-1).values[:, -1:]  # (rows, 1)
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if settings.top_p < 1:
-            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-            probs = sorted_logits.softmax(-1)
-            # Drop a token when the tokens ranked above it already reach top_p; the top token always stays.
-            drop = probs.cumsum(-1) - probs >= settings.top_p
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-        # Inverse-CDF sampling: one uniform number per row against the cumulated probabilities, in float64
-        # so that the tail of a 50k-token vocabulary keeps its share. torch.multinomial draws an
-        # exponential number for every token of the vocabulary, which took 7 % of a CPU rollout.
-        cdf = logits.softmax(-1).double().cumsum(-1)  # (rows, vocab)
-        total = cdf[:, -1:]  # (rows, 1): 1 up to rounding
-        if not bool(torch.isfinite(total).all()):
-            raise TunesmithError("generation: the model gave NaN or infinite logits; the weights have diverged "
-                                 "(lower the learning rate, or check train.max_grad_norm)")
-        u = torch.rand(total.shape, generator=self.sampler, device=cdf.device, dtype=cdf.dtype) * total
-        u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total even after rounding
-        # The first token whose cumulated probability exceeds u: tokens of probability 0 are never chosen.
-        return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+        s = self.settings
+        return sample(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, generator=self.sampler)
 
     def finish(self, tokens: list[int], *, last_step: bool) -> Generation | None:
         """The finished Generation when `tokens` ends the row (EOS, stop string, or length), else None."""
-        if tokens[-1] in self.eos:
-            return Generation(text=self.decode(tokens[:-1]), num_new_tokens=len(tokens), finish_reason="eos",
-                              token_ids=list(tokens))
-        if not (self.settings.stop or last_step):
-            return None
-        text = self.decode(tokens)
-        # The whole text is searched, not its tail: a multi-byte character can change the decoded tail.
-        cuts = [k for k in (text.find(s) for s in self.settings.stop) if k >= 0]
-        if cuts:
-            return Generation(text=text[: min(cuts)], num_new_tokens=len(tokens), finish_reason="stop",
-                              token_ids=list(tokens))
-        if last_step:
-            return Generation(text=text, num_new_tokens=len(tokens), finish_reason="length", token_ids=list(tokens))
-        return None
+        return finished(tokens, self.eos, self.settings.stop, last_step, self.decode)
 
     def decode(self, tokens: list[int]) -> str:
         """Text of generated tokens, special tokens left out."""
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-class _RoomyLayer(DynamicLayer):
+def sample(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float,
+           generator: torch.Generator) -> torch.Tensor:
+    """One seeded sample per row of `logits` (rows, vocab) after temperature, top-k and top-p filtering."""
+    logits = logits / temperature  # (rows, vocab)
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (rows, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the top token always stays.
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    # Inverse-CDF sampling: one uniform number per row against the cumulated probabilities, in float64
+    # so that the tail of a 50k-token vocabulary keeps its share. torch.multinomial draws an
+    # exponential number for every token of the vocabulary, which took 7 % of a CPU rollout.
+    cdf = logits.softmax(-1).double().cumsum(-1)  # (rows, vocab)
+    total = cdf[:, -1:]  # (rows, 1): 1 up to rounding
+    if not bool(torch.isfinite(total).all()):
+        raise TunesmithError("generation: the model gave NaN or infinite logits; the weights have diverged "
+                             "(lower the learning rate, or check train.max_grad_norm)")
+    u = torch.rand(total.shape, generator=generator, device=cdf.device, dtype=cdf.dtype) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total even after rounding
+    # The first token whose cumulated probability exceeds u: tokens of probability 0 are never chosen.
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+
+
+def finished(tokens: list[int], eos: set[int], stop: list[str], last_step: bool,
+             decode: Callable[[list[int]], str]) -> Generation | None:
+    """The finished Generation when `tokens` ends an answer (EOS, a stop string, or its last step), else None."""
+    if tokens[-1] in eos:
+        return Generation(text=decode(tokens[:-1]), num_new_tokens=len(tokens), finish_reason="eos",
+                          token_ids=list(tokens))
+    if not (stop or last_step):
+        return None
+    text = decode(tokens)
+    # The whole text is searched, not its tail: a multi-byte character can change the decoded tail.
+    cuts = [k for k in (text.find(s) for s in stop) if k >= 0]
+    if cuts:
+        return Generation(text=text[: min(cuts)], num_new_tokens=len(tokens), finish_reason="stop",
+                          token_ids=list(tokens))
+    if last_step:
+        return Generation(text=text, num_new_tokens=len(tokens), finish_reason="length", token_ids=list(tokens))
+    return None
+
+
+class RoomyLayer(DynamicLayer):
     """A growing KV-cache layer that writes each new token into room kept at its end.
 
     transformers' DynamicLayer concatenates at every step, copying the whole cache of every layer: 17 % of
