@@ -72,6 +72,20 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from tunesmith.serve import serve
+
+    serve(args.models, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from tunesmith.chat import ChatSettings, chat
+
+    settings = ChatSettings(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+    return chat(args.model, compare=args.compare, system=args.system, settings=settings)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from tunesmith.eval.evaluate import run_eval_command
 
@@ -118,6 +132,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_score = sub.add_parser("score", help="score rows or preference pairs with a trained reward model")
     score.add_arguments(p_score)
+
+    p_chat = sub.add_parser("chat", help="talk to a model or run in the terminal (tokens stream as they come)")
+    p_chat.add_argument("model", metavar="MODEL_OR_RUN", help="a run folder, model folder, hub id, .gguf or 'default'")
+    p_chat.add_argument("--compare", metavar="OTHER", help="answer every message with this model too, e.g. the base")
+    p_chat.add_argument("--system", metavar="TEXT", help="system prompt")
+    p_chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    p_chat.add_argument("--top-p", type=float, default=1.0)
+    p_chat.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens")
+    p_chat.add_argument("--seed", type=int, help="sample reproducibly")
+    p_chat.set_defaults(func=_cmd_chat)
+
+    p_serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for models and runs")
+    p_serve.add_argument("models", nargs="+", metavar="MODEL_OR_RUN",
+                         help="what to serve, each MODEL_OR_RUN or NAME=MODEL_OR_RUN (a run is named after its "
+                              "folder); LoRA runs of one base share its weights")
+    p_serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p_serve.add_argument("--port", type=int, default=8000)
+    p_serve.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every request")
+    p_serve.add_argument("--max-batch", type=int, default=32, help="most requests decoded together")
+    p_serve.set_defaults(func=_cmd_serve)
 
     p_eval = sub.add_parser("eval", help="generate answers on a data file, score them, measure perplexity")
     p_eval.add_argument("--model", required=True, help="model folder, hub id, .gguf, 'default', or a tunesmith run folder")
