@@ -249,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     print("runs:    " + ", ".join(f"{path} ({label})" for label, path in runs.items())
           + ": adapter/, merged/, metrics.jsonl, tensorboard/")
     print(f"demo took {time.time() - started:.0f} s")
+    last = list(runs.values())[-1]
+    print(f"\ntalk to it:   tunesmith chat {last} --compare {args.model}")
+    print(f"serve it:     tunesmith serve {last}   (OpenAI-compatible, at http://127.0.0.1:8000/v1)")
     print("=" * 72)
     gained = tuned["metrics"]["exact_match"] > base["metrics"]["exact_match"]
     if not gained:
