@@ -69,7 +69,14 @@ def load_models(items: list[tuple[str | None, str]], load: LoadConfig | None = N
     """Load every model once (a base shared by its LoRA runs) and start its engine; names must be unique."""
     from tunesmith.model.engine import Engine
     from tunesmith.model.loading import load_tokenizer
-    from tunesmith.model.runs import RunModel, apply_adapter, load_base, locate, tokenizer_source
+    from tunesmith.model.runs import (
+        RunModel,
+        apply_adapter,
+        load_base,
+        load_run_model,
+        locate,
+        tokenizer_source,
+    )
 
     load = load or LoadConfig()
     located: list[tuple[str, RunModel]] = []
@@ -83,22 +90,20 @@ def load_models(items: list[tuple[str | None, str]], load: LoadConfig | None = N
                              "NAME=MODEL_OR_RUN")
 
     # One engine per base: LoRA runs of the same base, and that base itself when served, share its weights.
+    adapted_bases = {run.base for _, run in located if run.adapter is not None}
     groups: dict[str, list[tuple[str, RunModel]]] = {}
     for name, run in located:
-        key = run.base if (run.adapter is not None or any(r.adapter is not None and r.base == run.base
-                                                          for _, r in located)) else f"{run.base}\0{name}"
-        groups.setdefault(key, []).append((name, run))
+        groups.setdefault(run.base if run.base in adapted_bases else f"{run.base}\0{name}", []).append((name, run))
     served: dict[str, Served] = {}
     for members in groups.values():
         first = members[0][1]
         adapted = [(n, r) for n, r in members if r.adapter is not None]
-        model = load_base(first, load) if adapted else None
-        if not adapted:
-            from tunesmith.model.runs import load_run_model
-
+        if adapted:
+            model = load_base(first, load)
+            for n, r in adapted:
+                model = apply_adapter(model, r, adapter_name=n)
+        else:
             model, _, _ = load_run_model(first.spec, load)
-        for n, r in adapted:
-            model = apply_adapter(model, r, adapter_name=n)
         # One adapter served alone runs merged into the decoding weights; several are chosen per row.
         several = len(adapted) > 1 or len(adapted) < len(members)
         if adapted and not several:
