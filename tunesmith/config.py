@@ -192,14 +192,15 @@ class Config:
 # ---------------------------------------------------------------- building from plain data
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any, *, quote: bool = True) -> str:
+    """A field's type in words: `int or null`, `list of str`, `'auto' | 'float32'` (choices unquoted with quote=False)."""
     origin = typing.get_origin(tp)
     if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
+        return " | ".join(repr(a) if quote else str(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        return " or ".join(type_name(a, quote=quote) for a in typing.get_args(tp))
     if origin is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
+        return f"list of {type_name(typing.get_args(tp)[0], quote=quote)}"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -219,7 +220,7 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             out = _coerce(value, arg, where, trial)
             if not trial:
                 return out
-        problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        problems.append(f"{where}: expected {type_name(tp)}, got {value!r}")
         return None
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -229,7 +230,7 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
-            problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+            problems.append(f"{where}: expected {type_name(tp)}, got {value!r}")
             return None
         return [_coerce(v, item_tp, f"{where}[{i}]", problems) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
@@ -260,7 +261,7 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-    problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    problems.append(f"{where}: expected {type_name(tp)}, got {value!r}")
     return None
 
 

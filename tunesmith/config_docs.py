@@ -9,12 +9,11 @@ from __future__ import annotations
 import dataclasses
 import sys
 import textwrap
-import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from tunesmith.config import Config
+from tunesmith.config import Config, type_name
 from tunesmith.errors import TunesmithError
 
 TOP = "top"  # the section of the keys that sit at the top level of a config (method, model, output_dir)
@@ -48,20 +47,6 @@ def _section_class(tp: Any) -> type | None:
     return None
 
 
-def type_text(tp: Any) -> str:
-    """A field's type in words: `int or null`, `list of str`, `auto | float32`."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(str(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(type_text(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list of {type_text(typing.get_args(tp)[0])}"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
 def value_text(value: Any) -> str:
     """A default as it would be written in YAML: null, true, [a, b]."""
     if value is None:
@@ -84,7 +69,7 @@ def _default(f: dataclasses.Field) -> Any:
 def _keys(cls: type, prefix: str) -> list[KeyDoc]:
     hints = typing.get_type_hints(cls)
     return [
-        KeyDoc(f"{prefix}{f.name}", type_text(hints[f.name]), value_text(_default(f)), f.metadata.get("doc", ""))
+        KeyDoc(f"{prefix}{f.name}", type_name(hints[f.name], quote=False), value_text(_default(f)), f.metadata.get("doc", ""))
         for f in dataclasses.fields(cls)
         if _section_class(hints[f.name]) is None
     ]
