@@ -30,7 +30,7 @@ from tunesmith.config import Config
 from tunesmith.core.next_token import count_targets, labelled_states
 from tunesmith.data import TokenizedData
 from tunesmith.methods import build_rl_data, nothing_to_prepare, save_lm_outputs
-from tunesmith.model.parts import unwrap
+from tunesmith.model.parts import scalar_head
 from tunesmith.ops.losses import chunked_token_logps
 from tunesmith.ops.rl import AdaptiveKLController, clipped_policy_loss, clipped_value_loss, gae, kl_k1, whiten
 from tunesmith.rollout.rewards import Scored
@@ -53,9 +53,7 @@ class PolicyWithValue(nn.Module):
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
         self.lm = lm
-        config = unwrap(lm).config.get_text_config()
-        ref = unwrap(lm).get_output_embeddings().weight
-        self.value_head = nn.Linear(config.hidden_size, 1, bias=True, device=ref.device, dtype=torch.float32)
+        self.value_head = scalar_head(lm, bias=True)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 

@@ -70,6 +70,16 @@ def packed_hidden(decoder: nn.Module, input_ids: torch.Tensor, position_ids: tor
     return out.last_hidden_state
 
 
+def scalar_head(lm: nn.Module, *, bias: bool) -> nn.Linear:
+    """A linear map from the LM's final hidden state to one number (a reward or a value), on the LM's device.
+
+    float32 even when the LM is bf16: AdamW steps on a bf16 head would round small updates away.
+    """
+    ref = unwrap(lm).get_output_embeddings().weight
+    hidden = unwrap(lm).config.get_text_config().hidden_size
+    return nn.Linear(hidden, 1, bias=bias, device=ref.device, dtype=torch.float32)
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A frozen copy of the model's current weights: the reference of full fine-tuning (LoRA needs none)."""
     return copy.deepcopy(unwrap(model)).eval().requires_grad_(False)

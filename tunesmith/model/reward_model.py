@@ -21,7 +21,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.model.export import atomic_dir
 from tunesmith.model.loading import default_device
 from tunesmith.model.lora import merged_state_dict
-from tunesmith.model.parts import unwrap
+from tunesmith.model.parts import scalar_head, unwrap
 
 REWARD_DIR = "reward_model"
 HEAD_FILE = "reward_head.safetensors"
@@ -34,9 +34,7 @@ class RewardModel(nn.Module):
         super().__init__()
         self.lm = lm
         config = unwrap(lm).config.get_text_config()
-        ref = unwrap(lm).get_output_embeddings().weight
-        # float32 even when the LM is bf16: AdamW steps on a bf16 head would round small updates away
-        self.score = nn.Linear(config.hidden_size, 1, bias=False, device=ref.device, dtype=torch.float32)
+        self.score = scalar_head(lm, bias=False)
         std = getattr(config, "initializer_range", None) or 1 / math.sqrt(config.hidden_size + 1)
         nn.init.normal_(self.score.weight, std=std)
 
