@@ -1,4 +1,4 @@
-"""The one exception type for user errors: bad config, bad data, a model that cannot load."""
+"""The one exception type for user errors (bad config, bad data, a model that cannot load, a full disk)."""
 
 from __future__ import annotations
 
@@ -13,3 +13,12 @@ class TunesmithError(Exception):
         if self.problems:
             message = message + "\n" + "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(message)
+
+
+class DiskFullError(TunesmithError):
+    """A write failed for lack of space (or the file-size limit); the message names the path and the free space."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        self.reason = reason  # "no space left on the device", ...
+        super().__init__(message)
+

@@ -27,6 +27,7 @@ from tunesmith.eval import in_run
 from tunesmith.methods import get_method
 from tunesmith.model import apply_lora, count_parameters, load_model, load_tokenizer, resolve_model
 from tunesmith.model.attention import checkpoint_context
+from tunesmith.model.export import write_file
 
 SUMMARY = "summary.json"
 log = logging.getLogger(__name__)
@@ -99,7 +100,10 @@ def check_run_dir(cfg: Config) -> bool:
                 f"output_dir {str(run_dir)!r} is not empty and holds no tunesmith run; choose a new or empty folder"
             )
         return False
-    if not ckpt.checkpoint_dirs(run_dir / "checkpoints"):
+    good, damaged = ckpt.find_resumable(run_dir / "checkpoints")
+    if good is None and damaged:
+        raise ckpt.no_good_checkpoint(run_dir / "checkpoints", damaged)
+    if good is None:
         return False  # stopped before its first checkpoint: start afresh in the same folder
     import yaml
 
@@ -213,7 +217,7 @@ def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCall
     if info.is_main:
         outputs["metrics"] = str(run_dir / "metrics.jsonl")
         outputs["tensorboard"] = str(run_dir / "tensorboard")
-        (run_dir / SUMMARY).write_text(json.dumps(result.summary(), indent=2))
+        write_file(run_dir / SUMMARY, json.dumps(result.summary(), indent=2), "the run summary")
         print(format_summary(result), flush=True)
     return result
 

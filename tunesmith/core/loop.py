@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tunesmith.config import TrainConfig
 from tunesmith.core import checkpoint as ckpt
 from tunesmith.core.contract import Objective, StepOutcome
-from tunesmith.core.distributed import DistInfo, all_reduce_sum
+from tunesmith.core.distributed import DistInfo, all_reduce_sum, barrier
 from tunesmith.core.logs import RunLogger, truncate_metrics
 from tunesmith.data import Row, collate
 from tunesmith.ops.losses import perplexity
@@ -318,17 +318,27 @@ def train_loop(
 
     state = ckpt.TrainerState()
     ckpt_root = run_dir / "checkpoints" if run_dir is not None else None
+    damaged_note = ""
     if ckpt_root is not None:
         if info.is_main:
             ckpt.clean_partial(ckpt_root)
-        found = ckpt.checkpoint_dirs(ckpt_root)
-        if found:
-            state = ckpt.load_checkpoint(found[-1], model, optimizer, scheduler, info)
+        good, damaged = ckpt.find_resumable(ckpt_root)
+        if good is None and damaged:
+            raise ckpt.no_good_checkpoint(ckpt_root, damaged)
+        if good is not None:
+            state = ckpt.load_checkpoint(good, model, optimizer, scheduler, info)
             if info.is_main:
                 truncate_metrics(run_dir / "metrics.jsonl", state.step)
+        if damaged:
+            barrier(info)  # every rank has chosen its checkpoint before the damaged ones move
+            if info.is_main:
+                damaged_note = "".join(f"checkpoint {d} is damaged ({why}); set aside as {ckpt.set_aside(d)}\n"
+                                       for d, why in damaged) + f"resuming from the previous good one, {good}"
     resumed_from = state.step
 
     logger = RunLogger(run_dir, steps, state.step, enabled=info.is_main)
+    if damaged_note:
+        logger.write(damaged_note)
     if resumed_from:
         logger.write(f"resumed from checkpoint at step {resumed_from}")
     order = RowOrder(len(train_rows), cfg.batch_size * cfg.grad_accum * info.world_size, cfg.seed)
