@@ -20,6 +20,7 @@ import torch
 from tunesmith.config import Config, load_config, save_config
 from tunesmith.core import checkpoint as ckpt
 from tunesmith.core import distributed
+from tunesmith.core.lock import LOCK_FILE, RunLock, holder, in_use
 from tunesmith.core.loop import LoopCallback, LoopResult, train_loop
 from tunesmith.data import DataStats
 from tunesmith.errors import TunesmithError
@@ -88,6 +89,9 @@ def check_run_dir(cfg: Config) -> bool:
         return False
     if not run_dir.is_dir():
         raise TunesmithError(f"output_dir {str(run_dir)!r} is a file; give a folder path")
+    pid = holder(run_dir)
+    if pid is not None:
+        raise in_use(run_dir, pid)
     if (run_dir / SUMMARY).exists():
         raise TunesmithError(
             f"output_dir {str(run_dir)!r} holds a finished run ({SUMMARY} is there); "
@@ -95,7 +99,7 @@ def check_run_dir(cfg: Config) -> bool:
         )
     saved = run_dir / "config.yaml"
     if not saved.exists():
-        if any(run_dir.iterdir()):
+        if any(p.name != LOCK_FILE for p in run_dir.iterdir()):
             raise TunesmithError(
                 f"output_dir {str(run_dir)!r} is not empty and holds no tunesmith run; choose a new or empty folder"
             )
@@ -125,12 +129,13 @@ def train(source: Config | dict[str, Any] | str | Path, overrides: list[str] | N
     cfg = load_config(source, overrides)
     info = distributed.setup()
     try:
-        return _train(cfg, info, callbacks)
+        with RunLock(cfg.output_dir) as lock:
+            return _train(cfg, info, callbacks, lock)
     finally:
         distributed.teardown(info)
 
 
-def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCallback] = ()) -> RunResult:
+def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCallback], lock: RunLock) -> RunResult:
     method = get_method(cfg.method)
     resuming = check_run_dir(cfg)
 
@@ -164,6 +169,8 @@ def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCall
     run_dir = Path(cfg.output_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()  # one train per folder: refuses a live one, takes over a killed one's
+        resuming = check_run_dir(cfg)  # again: no other train can change the folder from here on
         save_config(cfg, run_dir / "config.yaml")
         if not resuming:
             (run_dir / "metrics.jsonl").write_text("")

@@ -35,7 +35,7 @@ def compare(
 ) -> Path:
     """Evaluate every model (label -> spec) on the same rows of `data` and write the report; returns report.html."""
     from tunesmith.data.examples import load_eval_examples
-    from tunesmith.eval.evaluate import evaluate, load_for_eval
+    from tunesmith.eval.evaluate import evaluate, load_for_eval, refuse_while_training
     from tunesmith.eval.report import write_report
 
     if base_label not in models:
@@ -47,7 +47,12 @@ def compare(
     if reward_model is not None:
         from tunesmith.model.reward_model import find_reward_model
 
+        if Path(reward_model).expanduser().is_dir():
+            refuse_while_training(Path(reward_model).expanduser(), reward_model)
         find_reward_model(reward_model)  # a wrong path fails before any generation
+    for spec in models.values():  # a run folder still being trained fails before any generation
+        if Path(spec).expanduser().is_dir():
+            refuse_while_training(Path(spec).expanduser(), spec)
     settings.check()
     _check_metrics(metrics)
     examples = [e for e in load_eval_examples(data) if e.reference is not None]

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from tunesmith.config import LoadConfig
+from tunesmith.core.lock import holder
 from tunesmith.data.chat import has_chat_template, render_raw, render_with_spans, tokenize_with_spans
 from tunesmith.data.examples import EvalExample
 from tunesmith.data.packing import collate, make_document
@@ -42,11 +43,22 @@ def load_for_eval(spec: str, load: LoadConfig, device: torch.device | None = Non
     """
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "config.yaml").is_file():
+        refuse_while_training(path, spec)
         model, tokenizer = _load_run(path, spec, load, device)
         return model.eval(), tokenizer, str(path)
     resolved = resolve_model(spec, load)
     tokenizer = load_tokenizer(resolved, load)
     return load_model(resolved, load, device).eval(), tokenizer, None
+
+
+def refuse_while_training(run: Path, spec: str) -> None:
+    """A run folder that a live `train` holds has no finished outputs to read yet: say so, naming the process."""
+    pid = holder(run)
+    if pid is not None:
+        raise TunesmithError(
+            f"run folder {spec!r} is being trained now (pid {pid}): its outputs are not all written yet; wait until "
+            "that run finishes (its summary.json appears), then run this again"
+        )
 
 
 def _load_run(run: Path, spec: str, load: LoadConfig, device: torch.device | None):
