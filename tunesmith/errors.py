@@ -1,4 +1,5 @@
-"""The one exception type for user errors (bad config, bad data, a model that cannot load, a full disk)."""
+"""The one exception type for user errors (bad config, bad data, a model that cannot load, a full disk), and the
+exception of a run stopped by a signal."""
 
 from __future__ import annotations
 
@@ -22,3 +23,13 @@ class DiskFullError(TunesmithError):
         self.reason = reason  # "no space left on the device", ...
         super().__init__(message)
 
+
+class RunStopped(Exception):
+    """A run stopped on a signal after saving a checkpoint: not finished, and resumable with `command`."""
+
+    def __init__(self, message: str, *, exit_code: int, step: int, checkpoint: str | None, command: str) -> None:
+        self.exit_code = exit_code
+        self.step = step
+        self.checkpoint = checkpoint
+        self.command = command
+        super().__init__(message)

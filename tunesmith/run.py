@@ -57,6 +57,7 @@ class RunResult:
             "eval_loss": self.loop.eval_loss,
             "wall_s": round(self.loop.wall_s, 2),
             "peak_rss_mb": round(self.loop.peak_rss_mb, 1),
+            "nonfinite_steps": self.loop.nonfinite_steps,
             "parameters": self.parameters,
             "train_data": asdict(self.train_stats),
             "eval_data": asdict(self.eval_stats) if self.eval_stats else None,

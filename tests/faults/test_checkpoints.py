@@ -1,4 +1,4 @@
-"""Damaged checkpoints found by their checksums and passed over."""
+"""Checkpoints on a clock as well as on steps; damaged checkpoints found by their checksums and passed over."""
 
 from __future__ import annotations
 
@@ -12,10 +12,35 @@ import tunesmith
 from tests.faults.common import small_run
 from tests.helpers import final_weights, write_chat
 from tunesmith.core import checkpoint as ckpt
+from tunesmith.core import guards
 from tunesmith.core.loop import LoopCallback
 from tunesmith.errors import TunesmithError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class FakeClock(LoopCallback):
+    """A clock that moves `minutes` at the end of every step, and only then."""
+
+    def __init__(self, minutes: float) -> None:
+        self.now, self.minutes = 1000.0, minutes
+
+    def __call__(self) -> float:
+        return self.now
+
+    def on_step_end(self, step: int, outcome: object) -> None:
+        self.now += self.minutes * 60
+
+
+def test_checkpoints_every_save_every_minutes(tmp_path: Path, tiny_model_dir: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock(11)
+    monkeypatch.setattr(guards, "clock", clock)
+    cfg, _ = small_run(tmp_path, tiny_model_dir, write_chat(tmp_path, 24), "run", save_every=0)
+    assert "save_every_minutes" not in cfg["train"]  # the default, 30
+    tunesmith.train(cfg, callbacks=[clock])
+    # 11 minutes a step: 33 minutes after the start at step 4, 33 more at step 7; none at the last step (10)
+    assert [d.name for d in ckpt.checkpoint_dirs(tmp_path / "run/checkpoints")] == ["step-0000004", "step-0000007"]
 
 
 class FailAt(LoopCallback):
