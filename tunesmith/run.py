@@ -20,7 +20,6 @@ import torch
 from tunesmith.config import Config, load_config, save_config
 from tunesmith.core import checkpoint as ckpt
 from tunesmith.core import distributed
-from tunesmith.core.lock import LOCK_FILE, RunLock, holder, in_use
 from tunesmith.core.loop import LoopCallback, LoopResult, train_loop
 from tunesmith.data import DataStats
 from tunesmith.errors import TunesmithError
@@ -29,6 +28,7 @@ from tunesmith.methods import get_method
 from tunesmith.model import apply_lora, count_parameters, load_model, load_tokenizer, resolve_model
 from tunesmith.model.attention import checkpoint_context
 from tunesmith.model.export import write_file
+from tunesmith.model.lock import LOCK_FILE, RunLock, holder, in_use
 
 SUMMARY = "summary.json"
 log = logging.getLogger(__name__)

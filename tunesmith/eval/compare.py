@@ -35,8 +35,9 @@ def compare(
 ) -> Path:
     """Evaluate every model (label -> spec) on the same rows of `data` and write the report; returns report.html."""
     from tunesmith.data.examples import load_eval_examples
-    from tunesmith.eval.evaluate import evaluate, load_for_eval, refuse_while_training
+    from tunesmith.eval.evaluate import evaluate, load_for_eval
     from tunesmith.eval.report import write_report
+    from tunesmith.model.lock import refuse_while_training
 
     if base_label not in models:
         raise TunesmithError(f"the base model {base_label!r} is not among the models to compare ({', '.join(models)})")

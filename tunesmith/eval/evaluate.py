@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from tunesmith.config import LoadConfig
-from tunesmith.core.lock import holder
 from tunesmith.data.chat import has_chat_template, render_raw, render_with_spans, tokenize_with_spans
 from tunesmith.data.examples import EvalExample
 from tunesmith.data.packing import collate, make_document
@@ -29,6 +28,7 @@ from tunesmith.eval.metrics import check_references, resolve_metrics, score_row
 from tunesmith.eval.results import DEFAULT_METRICS, EvalResult, EvalRow, write_results
 from tunesmith.model.generate import GenerationSettings, generate
 from tunesmith.model.loading import ResolvedModel, load_model, load_tokenizer, resolve_model
+from tunesmith.model.lock import refuse_while_training
 from tunesmith.model.lora import merged_state_dict
 from tunesmith.ops.losses import perplexity as perplexity_of
 
@@ -49,16 +49,6 @@ def load_for_eval(spec: str, load: LoadConfig, device: torch.device | None = Non
     resolved = resolve_model(spec, load)
     tokenizer = load_tokenizer(resolved, load)
     return load_model(resolved, load, device).eval(), tokenizer, None
-
-
-def refuse_while_training(run: Path, spec: str) -> None:
-    """A run folder that a live `train` holds has no finished outputs to read yet: say so, naming the process."""
-    pid = holder(run)
-    if pid is not None:
-        raise TunesmithError(
-            f"run folder {spec!r} is being trained now (pid {pid}): its outputs are not all written yet; wait until "
-            "that run finishes (its summary.json appears), then run this again"
-        )
 
 
 def _load_run(run: Path, spec: str, load: LoadConfig, device: torch.device | None):

@@ -1,10 +1,11 @@
 """One `train` per run folder: an exclusive lock on `run_dir/train.lock`, which holds the trainer's pid.
 
-The lock is an OS file lock (flock), so it dies with its process: a lock left by a killed run is free, and the
+It lives beside the other code that reads and writes run folders (outputs: `export.py`), below the loop, so that
+everything that reads a run can ask it. The lock is an OS file lock (flock), so it dies with its process: a lock left by a killed run is free, and the
 next `train` takes it over (saying whose it was: a run that ends, however it ends, blanks its pid; a killed one
 cannot). A second `train` on a folder whose run is alive refuses and
-names the other process. Readers (`compare`, `eval` on a run folder) ask `holder` and refuse a folder that is
-being trained, whose outputs are not all written yet.
+names the other process. Readers (`compare`, `eval` on a run folder) call `refuse_while_training`: a folder that
+is being trained has outputs that are not all written yet.
 """
 
 from __future__ import annotations
@@ -75,6 +76,16 @@ def in_use(run_dir: str | Path, pid: int) -> TunesmithError:
         f"to finish, stop it (kill -TERM {pid if pid > 0 else 'PID'} stops it after a checkpoint), or choose another "
         "output_dir"
     )
+
+
+def refuse_while_training(run: str | Path, spec: str) -> None:
+    """A run folder that a live `train` holds has no finished outputs to read yet: say so, naming the process."""
+    pid = holder(run)
+    if pid is not None:
+        raise TunesmithError(
+            f"run folder {spec!r} is being trained now (pid {pid}): its outputs are not all written yet; wait until "
+            "that run finishes (its summary.json appears), then run this again"
+        )
 
 
 class RunLock:
