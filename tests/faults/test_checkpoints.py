@@ -66,7 +66,7 @@ def _truncate(path: Path) -> None:
 
 DAMAGE = {
     "flipped byte": ("trainable.safetensors", flip_a_byte, "does not match its checksum"),
-    "truncated file": ("optimizer.pt", _truncate, "(truncated or overwritten)"),
+    "truncated file": ("optimizer.pt", _truncate, ": truncated or overwritten"),
     "deleted file": ("trainable.safetensors", Path.unlink, "trainable.safetensors is missing"),
 }
 

@@ -73,7 +73,7 @@ def test_a_nonfinite_step_is_skipped_and_counted(tmp_path: Path, tiny_model_dir:
 
 
 @pytest.mark.parametrize(("steps", "stop_at", "why"), [
-    ({4, 5, 6}, 6, "3 steps in a row (train.max_nonfinite_steps=3)"),
+    ({4, 5, 6}, 6, "for 3 steps in a row (train.max_nonfinite_steps=3)"),
     ({1}, 1, "at the first step"),
 ])
 def test_nonfinite_steps_in_a_row_or_at_the_first_step_stop_the_run(
@@ -83,7 +83,7 @@ def test_nonfinite_steps_in_a_row_or_at_the_first_step_stop_the_run(
     with pytest.raises(TunesmithError) as caught:
         tunesmith.train(cfg, callbacks=[Poison("nan_loss", steps)])
     msg = str(caught.value)
-    assert msg.startswith(f"step {stop_at}: the loss or gradient norm is NaN or infinite (loss nan") and why in msg
+    assert msg.startswith(f"step {stop_at}: the loss or gradient norm is NaN or infinite {why} (loss nan")
     assert "train.lr=0.002 (try a tenth)" in msg and "float16 overflow" in msg and "bad rows in the data" in msg
     kept = [d.name for d in ckpt.checkpoint_dirs(run / "checkpoints")]
     if stop_at == 6:

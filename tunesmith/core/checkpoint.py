@@ -125,14 +125,14 @@ def damage(ckpt: Path) -> str | None:
             return f"{name} is missing"
         stat = path.stat()
         if stat.st_size != size:
-            return f"{name} has {stat.st_size} bytes, the manifest says {size} (truncated or overwritten)"
+            return f"{name} has {stat.st_size} bytes where the manifest says {size}: truncated or overwritten"
         stamp.append((name, stat.st_size, stat.st_mtime_ns))
     key = (str(ckpt.absolute()), tuple(stamp))
     if key in _verified:
         return None
     for name, expected in sums.items():
         if sha256_file(ckpt / name) != expected:
-            return f"{name} does not match its checksum (its bytes changed after it was written)"
+            return f"{name} does not match its checksum: its bytes changed after it was written"
     _verified[key] = None
     return None
 

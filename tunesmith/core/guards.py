@@ -147,12 +147,13 @@ class NonFiniteSteps:
               checkpoint: Path | None) -> TunesmithError:
         """The message that stops the run: the step, what was not finite, the usual causes, what is kept."""
         what = f"loss {loss}, gradient norm {grad_norm}"
-        why = "at the first step" if step == 1 and self.in_a_row == 1 else f"{self.in_a_row} steps in a row (train.max_nonfinite_steps={self.limit})"
+        why = ("at the first step" if step == 1 and self.in_a_row == 1
+               else f"for {self.in_a_row} steps in a row (train.max_nonfinite_steps={self.limit})")
         fp16 = " (this model's weights are float16)" if dtype == torch.float16 else ""
         kept = (f"the last good checkpoint, {checkpoint}, is kept" if checkpoint is not None
                 else "there is no checkpoint yet")
         return TunesmithError(
-            f"step {step}: the loss or gradient norm is NaN or infinite ({what}) {why}; the run stopped and wrote no "
+            f"step {step}: the loss or gradient norm is NaN or infinite {why} ({what}); the run stopped and wrote no "
             f"outputs, and {kept}. The usual causes:",
             problems=[
                 f"a learning rate too high: train.lr={cfg.lr} (try a tenth), or no clipping "
