@@ -7,7 +7,7 @@ import os
 import sys
 
 from tunesmith.config import apply_overrides
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import RunStopped, TunesmithError
 
 
 def quiet_libraries() -> None:
@@ -180,12 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `tunesmith` command; exit code 2 on bad input, with one clear message."""
+    """Entry point of the `tunesmith` command; exit code 2 on bad input, with one clear message; 0 (SIGTERM) or
+    130 (SIGINT) when a signal stopped a run after its checkpoint."""
     args = build_parser().parse_args(argv)
     if getattr(args, "loads_models", True):
         quiet_libraries()
     try:
         return args.func(args)
+    except RunStopped as exc:  # a signal: checkpoint written, resumable; 0 after SIGTERM, 130 after SIGINT
+        if str(exc):
+            print(f"tunesmith: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     except TunesmithError as exc:
         print(f"tunesmith: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -75,9 +75,11 @@ class TrainConfig:
     seed: int = field(default=42, metadata=_doc("seed for data order, initialisation and dropout"))
     eval_every: int = field(default=50, metadata=_doc("steps between eval-loss passes on data.eval (0 = only at the end)"))
     save_every: int = field(default=100, metadata=_doc("steps between checkpoints (0 = only at the end)"))
+    save_every_minutes: float = field(default=30, metadata=_doc("also checkpoint when this many minutes have passed since the last checkpoint, so a slow run never loses more (0 = off)"))
     keep_checkpoints: int = field(default=2, metadata=_doc("how many of the newest checkpoints to keep"))
     log_every: int = field(default=1, metadata=_doc("steps between metric lines"))
     gradient_checkpointing: bool = field(default=False, metadata=_doc("recompute activations in backward to save memory"))
+    max_nonfinite_steps: int = field(default=3, metadata=_doc("a step whose loss or gradient norm is NaN or infinite is skipped (no update) and counted; this many in a row, or one at the first step, stop the run"))
 
 
 @dataclass(kw_only=True)
@@ -292,6 +294,7 @@ def _check(cfg: Config, problems: list[str]) -> None:
         "train.max_length": t.max_length,
         "train.keep_checkpoints": t.keep_checkpoints,
         "train.log_every": t.log_every,
+        "train.max_nonfinite_steps": t.max_nonfinite_steps,
     }
     for where, value in positive.items():
         if isinstance(value, int) and value < 1:
@@ -302,6 +305,8 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append(f"train.max_steps: must be at least 1 (or null to use train.epochs), got {t.max_steps}")
     if isinstance(t.epochs, float) and t.epochs <= 0:
         problems.append(f"train.epochs: must be positive, got {t.epochs}")
+    if isinstance(t.save_every_minutes, float) and t.save_every_minutes < 0:
+        problems.append(f"train.save_every_minutes: must be 0 (off) or more, got {t.save_every_minutes}")
     if isinstance(t.lr, float) and t.lr <= 0:
         problems.append(f"train.lr: must be positive, got {t.lr}")
     if isinstance(t.warmup_ratio, float) and not 0 <= t.warmup_ratio < 1:

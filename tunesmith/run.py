@@ -27,6 +27,8 @@ from tunesmith.eval import in_run
 from tunesmith.methods import get_method
 from tunesmith.model import apply_lora, count_parameters, load_model, load_tokenizer, resolve_model
 from tunesmith.model.attention import checkpoint_context
+from tunesmith.model.export import write_file
+from tunesmith.model.lock import LOCK_FILE, RunLock, holder, in_use
 
 SUMMARY = "summary.json"
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class RunResult:
             "eval_loss": self.loop.eval_loss,
             "wall_s": round(self.loop.wall_s, 2),
             "peak_rss_mb": round(self.loop.peak_rss_mb, 1),
+            "nonfinite_steps": self.loop.nonfinite_steps,
             "parameters": self.parameters,
             "train_data": asdict(self.train_stats),
             "eval_data": asdict(self.eval_stats) if self.eval_stats else None,
@@ -87,6 +90,9 @@ def check_run_dir(cfg: Config) -> bool:
         return False
     if not run_dir.is_dir():
         raise TunesmithError(f"output_dir {str(run_dir)!r} is a file; give a folder path")
+    pid = holder(run_dir)
+    if pid is not None:
+        raise in_use(run_dir, pid)
     if (run_dir / SUMMARY).exists():
         raise TunesmithError(
             f"output_dir {str(run_dir)!r} holds a finished run ({SUMMARY} is there); "
@@ -94,12 +100,15 @@ def check_run_dir(cfg: Config) -> bool:
         )
     saved = run_dir / "config.yaml"
     if not saved.exists():
-        if any(run_dir.iterdir()):
+        if any(p.name != LOCK_FILE for p in run_dir.iterdir()):
             raise TunesmithError(
                 f"output_dir {str(run_dir)!r} is not empty and holds no tunesmith run; choose a new or empty folder"
             )
         return False
-    if not ckpt.checkpoint_dirs(run_dir / "checkpoints"):
+    good, damaged = ckpt.find_resumable(run_dir / "checkpoints")
+    if good is None and damaged:
+        raise ckpt.no_good_checkpoint(run_dir / "checkpoints", damaged)
+    if good is None:
         return False  # stopped before its first checkpoint: start afresh in the same folder
     import yaml
 
@@ -121,12 +130,13 @@ def train(source: Config | dict[str, Any] | str | Path, overrides: list[str] | N
     cfg = load_config(source, overrides)
     info = distributed.setup()
     try:
-        return _train(cfg, info, callbacks)
+        with RunLock(cfg.output_dir) as lock:
+            return _train(cfg, info, callbacks, lock)
     finally:
         distributed.teardown(info)
 
 
-def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCallback] = ()) -> RunResult:
+def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCallback], lock: RunLock) -> RunResult:
     method = get_method(cfg.method)
     resuming = check_run_dir(cfg)
 
@@ -160,6 +170,8 @@ def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCall
     run_dir = Path(cfg.output_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()  # one train per folder: refuses a live one, takes over a killed one's
+        resuming = check_run_dir(cfg)  # again: no other train can change the folder from here on
         save_config(cfg, run_dir / "config.yaml")
         if not resuming:
             (run_dir / "metrics.jsonl").write_text("")
@@ -213,7 +225,7 @@ def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCall
     if info.is_main:
         outputs["metrics"] = str(run_dir / "metrics.jsonl")
         outputs["tensorboard"] = str(run_dir / "tensorboard")
-        (run_dir / SUMMARY).write_text(json.dumps(result.summary(), indent=2))
+        write_file(run_dir / SUMMARY, json.dumps(result.summary(), indent=2), "the run summary")
         print(format_summary(result), flush=True)
     return result
 

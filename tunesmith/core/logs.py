@@ -11,6 +11,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from tunesmith.model.export import RESUME_ADVICE, disk_full_error
+
 
 def truncate_metrics(path: Path, keep_through_step: int) -> None:
     """Drop metric lines logged after `keep_through_step` (a resumed run logs them again)."""
@@ -35,6 +37,7 @@ class RunLogger:
         self._file = None
         self._tb = None
         self._bar = None
+        self._failed = False  # a write failed (and was reported): closing must not report it again
         if not self.enabled:
             return
         assert run_dir is not None
@@ -61,8 +64,15 @@ class RunLogger:
             return
         record = {"step": step, "time": round(time.time(), 3), **metrics}
         assert self._file is not None
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            self._failed = True
+            full = disk_full_error(exc, Path(self._file.name), "the metrics log", RESUME_ADVICE)
+            if full is not None:
+                raise full from None
+            raise
         if self._tb is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
@@ -86,4 +96,8 @@ class RunLogger:
         if self._tb is not None:
             self._tb.close()
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:
+                if not self._failed:
+                    raise

@@ -3,7 +3,8 @@
 AdamW, linear warm-up then cosine decay, gradient clipping, gradient accumulation with the loss
 normalised over everything counted in the global batch (tokens for next-token methods, pairs for
 preference methods; across accumulation steps and ranks), periodic eval, atomic checkpoints with
-exact resume, and logs.
+exact resume, and logs. What it does on a stop signal, a NaN and running out of memory is in
+`tunesmith.core.guards`.
 
 What the loop calls on the module it trains is written down in `tunesmith.core.contract.Objective`.
 """
@@ -12,8 +13,10 @@ from __future__ import annotations
 
 import math
 import resource
+import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -25,10 +28,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tunesmith.config import TrainConfig
 from tunesmith.core import checkpoint as ckpt
+from tunesmith.core import guards
 from tunesmith.core.contract import Objective, StepOutcome
-from tunesmith.core.distributed import DistInfo, all_reduce_sum
+from tunesmith.core.distributed import DistInfo, all_reduce_sum, barrier
 from tunesmith.core.logs import RunLogger, truncate_metrics
 from tunesmith.data import Row, collate
+from tunesmith.errors import TunesmithError
 from tunesmith.ops.losses import perplexity
 
 Collate = Callable[[list, int], dict[str, torch.Tensor]]
@@ -47,6 +52,7 @@ class LoopResult:
     wall_s: float
     peak_rss_mb: float
     history: list[dict] = field(default_factory=list)
+    nonfinite_steps: int = 0  # steps skipped for a NaN or infinite loss or gradient norm
 
 
 _ON_BAR = ("accuracy", "rewards/accuracy", "rewards/margin", "reward", "kl")  # shown on the progress bar when a method logs them
@@ -224,7 +230,8 @@ class Updater:
     """The loop's `StepTools`: optimizer updates from micro-batches or rows, and the eval loss.
 
     An update normalises the loss over everything the objective counts in all its micro-batches (and on
-    every rank), clips gradients and steps AdamW. The scheduler is the loop's.
+    every rank), clips gradients and steps AdamW; when the loss or the gradient norm is NaN or infinite it skips
+    the step (no update) and counts it in `skipped`. The scheduler is the loop's.
     """
 
     def __init__(self, ddp_module: nn.Module, objective: Objective, optimizer: torch.optim.Optimizer,
@@ -240,6 +247,7 @@ class Updater:
         self.collate_fn = collate_fn
         self.run_dir = run_dir
         self.forward_tokens = cfg.forward_tokens or DEFAULT_FORWARD_TOKENS.get(info.device.type)
+        self.skipped = 0  # updates skipped for a non-finite loss or gradient norm
 
     def update(self, micro: list[dict[str, torch.Tensor]]) -> StepOutcome:
         """Forward and backward every micro-batch, then clip and step; returns the update's loss and statistics."""
@@ -259,14 +267,15 @@ class Updater:
                 (loss_sum * (info.world_size / global_count)).backward()
             loss_acc += loss_sum.detach().double()
             _sum_stats(totals, stats, info.device)
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
-            if self.cfg.max_grad_norm is not None
-            else torch.zeros(())
-        )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # without clipping, an infinite bound measures the norm and leaves the gradients as they are
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
         all_reduce_sum(loss_acc, info)
+        if guards.finite(loss_acc.item()) and guards.finite(float(grad_norm)):
+            self.optimizer.step()
+        else:
+            self.skipped += 1
+        self.optimizer.zero_grad(set_to_none=True)
         return StepOutcome(loss=loss_acc.item() / global_count, grad_norm=float(grad_norm),
                            stats=_reduce_stats(totals, global_count, info), count=count.item())
 
@@ -318,17 +327,27 @@ def train_loop(
 
     state = ckpt.TrainerState()
     ckpt_root = run_dir / "checkpoints" if run_dir is not None else None
+    damaged_note = ""
     if ckpt_root is not None:
         if info.is_main:
             ckpt.clean_partial(ckpt_root)
-        found = ckpt.checkpoint_dirs(ckpt_root)
-        if found:
-            state = ckpt.load_checkpoint(found[-1], model, optimizer, scheduler, info)
+        good, damaged = ckpt.find_resumable(ckpt_root)
+        if good is None and damaged:
+            raise ckpt.no_good_checkpoint(ckpt_root, damaged)
+        if good is not None:
+            state = ckpt.load_checkpoint(good, model, optimizer, scheduler, info)
             if info.is_main:
                 truncate_metrics(run_dir / "metrics.jsonl", state.step)
+        if damaged:
+            barrier(info)  # every rank has chosen its checkpoint before the damaged ones move
+            if info.is_main:
+                damaged_note = "".join(f"checkpoint {d} is damaged ({why}); set aside as {ckpt.set_aside(d)}\n"
+                                       for d, why in damaged) + f"resuming from the previous good one, {good}"
     resumed_from = state.step
 
     logger = RunLogger(run_dir, steps, state.step, enabled=info.is_main)
+    if damaged_note:
+        logger.write(damaged_note)
     if resumed_from:
         logger.write(f"resumed from checkpoint at step {resumed_from}")
     order = RowOrder(len(train_rows), cfg.batch_size * cfg.grad_accum * info.world_size, cfg.seed)
@@ -340,21 +359,30 @@ def train_loop(
     final_loss: float | None = None
     eval_loss: float | None = None
     window_tokens, window_start, shown = 0, time.time(), state.step
+    stop, timer, nonfinite = guards.StopSignals(), guards.CheckpointTimer(cfg.save_every_minutes), guards.NonFiniteSteps(
+        cfg.max_nonfinite_steps, state.nonfinite_steps)
+    running = ""
     ddp_module.train()
     for callback in callbacks:
         callback.on_train_begin(model, state.step)
 
+    stop.install()
     try:
         while state.step < steps:
             rows = order.step_rows(state.step)
             mine = [train_rows[i] for i in rows[info.rank * per_rank : (info.rank + 1) * per_rank]]
+            running, skipped = f"step {state.step + 1}", tools.skipped
             outcome = loss_module.train_step(mine, step=state.step, tools=tools)
-            scheduler.step()
+            with warnings.catch_warnings():  # a skipped first update is no misuse of the scheduler
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                scheduler.step()
             state.step += 1
             state.tokens_seen += outcome.tokens
             window_tokens += outcome.tokens
             final_loss = outcome.loss
             grad_norm, step_stats = outcome.grad_norm, outcome.stats
+            nonfinite.record(tools.skipped > skipped or not guards.finite(outcome.loss))
+            state.nonfinite_steps = nonfinite.total
 
             if state.step % cfg.log_every == 0 or state.step == steps:
                 elapsed = max(time.time() - window_start, 1e-9)
@@ -366,6 +394,7 @@ def train_loop(
                     "tokens_per_s": tps,
                     "tokens_seen": state.tokens_seen,
                     "epoch": order.epoch_of(state.step),
+                    **({"nonfinite_steps": nonfinite.total} if nonfinite.total else {}),
                     **step_stats,
                 }
                 history.append({"step": state.step, **metrics})
@@ -374,7 +403,14 @@ def train_loop(
                 loss_text = f"{final_loss:.4f}" if final_loss is not None else "-"
                 logger.progress(state.step - shown, {"loss": loss_text, **shown_stats, "tok/s": f"{tps:,.0f}"})
                 window_tokens, window_start, shown = 0, time.time(), state.step
+            if nonfinite.in_a_row:
+                logger.write(f"step {state.step}: loss {final_loss}, gradient norm {grad_norm}: not finite, the update "
+                             f"is skipped ({nonfinite.in_a_row} in a row, {nonfinite.total} in all)")
+                if nonfinite.must_stop(state.step):
+                    last = ckpt.find_resumable(ckpt_root)[0] if ckpt_root is not None else None
+                    raise nonfinite.error(state.step, final_loss, grad_norm, cfg, next(model.parameters()).dtype, last)
 
+            running = f"the eval after step {state.step}"
             if eval_rows and ((cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == steps):
                 ev = loss_module.evaluate_rows(eval_rows, step=state.step, tools=tools)
                 eval_loss = ev.get("eval_loss", eval_loss)
@@ -382,14 +418,28 @@ def train_loop(
                 logger.log(state.step, ev)
                 logger.write(f"step {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items() if k in _ON_EVAL_LINE))
 
-            if ckpt_root is not None and cfg.save_every and state.step % cfg.save_every == 0 and state.step < steps:
+            running = f"the checkpoint of step {state.step}"
+            by_steps = bool(cfg.save_every) and state.step % cfg.save_every == 0
+            stopping, due = guards.agree([stop.signum is not None, by_steps or timer.due()], info)
+            saved = None
+            if ckpt_root is not None and ((due and state.step < steps) or stopping):
                 state.method = loss_module.method_state()
-                ckpt.save_checkpoint(ckpt_root, model, optimizer, scheduler, state, info, cfg.keep_checkpoints)
+                saved = ckpt.save_checkpoint(ckpt_root, model, optimizer, scheduler, state, info, cfg.keep_checkpoints)
+                timer.reset()
             for callback in callbacks:
                 callback.on_step_end(state.step, outcome)
+            if stopping:
+                raise guards.stopped(stop.signum or signal.SIGTERM, state.step, steps, saved, run_dir, info)
+    except guards.OUT_OF_MEMORY as exc:
+        raise guards.out_of_memory(exc, running, cfg, tools.forward_tokens, info) from None
     finally:
+        stop.restore()
         logger.close()
 
+    bad = ckpt.nonfinite_weights({n: p for n, p in model.named_parameters() if p.requires_grad})
+    if bad:  # never reached through a skipped update; outputs must not carry it either way
+        raise TunesmithError(f"after step {state.step}: weights {', '.join(bad[:3])} hold NaN or infinite values; "
+                             "no outputs are written")
     result = LoopResult(
         steps=state.step,
         total_steps=steps,
@@ -400,6 +450,7 @@ def train_loop(
         wall_s=time.time() - started,
         peak_rss_mb=peak_rss_mb(),
         history=history,
+        nonfinite_steps=nonfinite.total,
     )
     for callback in callbacks:
         callback.on_train_end(model, result)

@@ -16,10 +16,11 @@ from tunesmith.data.formats import (
     COMPLETION_FIELDS,
     EXPECTED_FIELDS,
     SHAREGPT_ROLES,
+    bad_value,
     fitting_formats,
     normalise_records,
 )
-from tunesmith.data.readers import load_records
+from tunesmith.data.readers import is_text, load_records
 from tunesmith.errors import TunesmithError
 
 
@@ -112,8 +113,8 @@ def _check_one_family(records: list, shapes: list[str], source: str) -> None:
 def _normalised_messages(record: dict, where: str, shape: str, source: str) -> list[dict]:
     if shape == PROMPT_ONLY:
         prompt = record["prompt"]
-        if not isinstance(prompt, str):
-            raise TunesmithError(f"{where}: field 'prompt' must be a string, got {type(prompt).__name__} {prompt!r}")
+        if not is_text(prompt):
+            raise TunesmithError(f"{where}: field 'prompt' must be a string, got {bad_value(prompt)}")
         return [{"role": "user", "content": prompt}]
     open_ended = _lacks_final_answer(record, shape)
     if open_ended:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from tunesmith.data.readers import JsonLiteral, is_text
 from tunesmith.errors import TunesmithError
 
 FORMATS = ("text", "prompt_completion", "messages", "alpaca", "sharegpt")
@@ -154,8 +155,8 @@ def _messages(record: dict, where: str) -> dict:
 def _alpaca(record: dict, where: str) -> dict:
     instruction = _string(record, "instruction", where, "alpaca")
     extra = record.get("input")
-    if extra is not None and not isinstance(extra, str):
-        raise _RecordProblem(f"{where}: field 'input' must be a string, got {_show(extra)}")
+    if extra is not None and not is_text(extra):
+        raise _RecordProblem(f"{where}: field 'input' must be a string, got {_show(extra)}{_quote_hint(extra)}")
     output = _string(record, "output", where, "alpaca")
     if not output.strip():
         raise _RecordProblem(f"{where}: field 'output' is empty; every sample needs a response to learn")
@@ -176,8 +177,8 @@ def _sharegpt(record: dict, where: str) -> dict:
         if speaker not in SHAREGPT_ROLES:
             raise _RecordProblem(f"{where}: {field}.from is {_show(speaker)}; expected one of {', '.join(SHAREGPT_ROLES)}")
         value = turn.get("value")
-        if not isinstance(value, str):
-            raise _RecordProblem(f"{where}: {field}.value must be a string, got {_show(value)}")
+        if not is_text(value):
+            raise _RecordProblem(f"{where}: {field}.value must be a string, got {_show(value)}{_quote_hint(value)}")
         messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
     _check_conversation(messages, where, "conversations")
     return {"messages": messages}
@@ -199,24 +200,30 @@ def _string(record: dict, name: str, where: str, fmt: str) -> str:
     if name not in record:
         raise _RecordProblem(f"{where}: field {name!r} is missing (fields seen: {_fields(record)}; {fmt} data needs {EXPECTED_FIELDS[fmt]})")
     value = record[name]
-    if not isinstance(value, str):
-        raise _RecordProblem(f"{where}: field {name!r} must be a string, got {_show(value)}; store it as text")
+    if not is_text(value):
+        raise _RecordProblem(f"{where}: field {name!r} must be a string, got {_show(value)}"
+                             f"{_quote_hint(value) or '; store it as text'}")
     return value
 
 
 def _content_text(content: object, field: str, where: str) -> str:
-    if isinstance(content, str):
+    if is_text(content):
+        assert isinstance(content, str)
         return content
     if isinstance(content, list):
         texts = []
         for k, part in enumerate(content):
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), JsonLiteral):
+                raise _RecordProblem(f"{where}: {field}[{k}].text must be a string, got {_show(part['text'])}"
+                                     f"{_quote_hint(part['text'])}")
+            if not (isinstance(part, dict) and part.get("type") == "text" and is_text(part.get("text"))):
                 raise _RecordProblem(
                     f"{where}: {field}[{k}] is {_show(part)}; only text parts {{\"type\": \"text\", \"text\": ...}} are supported"
                 )
             texts.append(part["text"])
         return "".join(texts)
-    raise _RecordProblem(f"{where}: {field} must be a string or a list of text parts, got {_show(content)}")
+    raise _RecordProblem(f"{where}: {field} must be a string or a list of text parts, got {_show(content)}"
+                         f"{_quote_hint(content)}")
 
 
 def _check_conversation(messages: list[dict], where: str, field: str) -> None:
@@ -229,6 +236,18 @@ def _check_conversation(messages: list[dict], where: str, field: str) -> None:
     for j in assistant_turns:
         if not messages[j]["content"].strip():
             raise _RecordProblem(f"{where}: {field}[{j}] (assistant) has empty content; every assistant turn needs text to learn")
+
+
+def bad_value(value: object) -> str:
+    """How an error shows a value that should have been text: `null`, `dict {...}`, or `number 42; if it is meant
+    as text, write it in quotes: "42"`."""
+    return _show(value) + _quote_hint(value)
+
+
+def _quote_hint(value: object) -> str:
+    if isinstance(value, JsonLiteral):
+        return f"; if it is meant as text, write it in quotes: \"{value}\""
+    return ""
 
 
 def _pairs(records: Iterable, source: str) -> Iterable[tuple[dict, str]]:
@@ -250,6 +269,8 @@ def _expected_text() -> str:
 def _show(value: object) -> str:
     if value is None:
         return "null"
+    if isinstance(value, JsonLiteral):
+        return f"{value.kind()} {value}"
     text = repr(value)
     if len(text) > 60:
         text = text[:57] + "..."

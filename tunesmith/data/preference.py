@@ -22,9 +22,9 @@ import torch
 
 from tunesmith.data.chat import has_chat_template, render_raw, render_with_spans, tokenize_with_spans
 from tunesmith.data.dataset import DataStats, TokenizedData
-from tunesmith.data.formats import ROLES
+from tunesmith.data.formats import ROLES, bad_value
 from tunesmith.data.packing import Row, collate, document_index, pack_bins, positions
-from tunesmith.data.readers import load_records
+from tunesmith.data.readers import is_text, load_records
 from tunesmith.errors import TunesmithError
 from tunesmith.ops.losses import IGNORE_INDEX
 
@@ -134,17 +134,20 @@ def _margin(record: dict, where: str) -> float:
 def _messages(raw: object, name: str, where: str) -> list[dict]:
     if not isinstance(raw, list) or not raw:
         raise _Problem(f"{where}: field {name!r} must be a string or a non-empty list of {{role, content}} messages, "
-                       f"got {raw!r:.60}")
+                       f"got {bad_value(raw)}")
     out = []
     for j, m in enumerate(raw):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise _Problem(f"{where}: {name}[{j}] must be {{role: system|user|assistant, content: string}}, got {m!r:.60}")
+        if not is_text(m.get("content")):
+            raise _Problem(f"{where}: {name}[{j}].content must be a string, got {bad_value(m.get('content'))}")
         out.append({"role": m["role"], "content": m["content"]})
     return out
 
 
 def _prompt(raw: object, where: str) -> list[dict]:
-    if isinstance(raw, str):
+    if is_text(raw):
+        assert isinstance(raw, str)
         if not raw.strip():
             raise _Problem(f"{where}: field 'prompt' is empty; every pair needs a prompt")
         return [{"role": "user", "content": raw}]
@@ -162,15 +165,16 @@ def _answer(raw: object, name: str, where: str) -> str:
             raise _Problem(f"{where}: with a separate 'prompt', field {name!r} must be the answer: a string or "
                            "[one assistant message]")
         raw = messages[0]["content"]
-    if not isinstance(raw, str):
-        raise _Problem(f"{where}: field {name!r} must be a string or a list of messages, got {type(raw).__name__}")
+    if not is_text(raw):
+        raise _Problem(f"{where}: field {name!r} must be a string or a list of messages, got {bad_value(raw)}")
+    assert isinstance(raw, str)
     if not raw.strip():
         raise _Problem(f"{where}: field {name!r} is an empty answer; both answers of a pair need text")
     return raw
 
 
 def _conversation(raw: object, name: str, where: str) -> tuple[list[dict], str]:
-    if isinstance(raw, str):
+    if is_text(raw):
         raise _Problem(f"{where}: field 'prompt' is missing; with string answers give the prompt in 'prompt', "
                        f"or give {name!r} as a whole conversation (a list of messages)")
     messages = _messages(raw, name, where)

@@ -56,11 +56,31 @@ def load_records(source: str, split: str = "train") -> list[Record]:
 # ---------------------------------------------------------------- JSON and JSON lines
 
 
+class JsonLiteral(str):
+    """A JSON number, `true`, `false` or `NaN`, kept as the text written in the file (`3.10` stays "3.10").
+
+    It is a `str`, so fields that take numbers or any value (a margin, a user metric's extra field) read it as
+    written. The text fields of the data formats refuse it (`is_text`): a number where a message belongs is a
+    mistake in the file, reported with its line, not text to guess at.
+    """
+
+    __slots__ = ()
+
+    def kind(self) -> str:
+        """'boolean' or 'number', for messages."""
+        return "boolean" if self in ("true", "false") else "number"
+
+
+def is_text(value: object) -> bool:
+    """True for a string the file wrote as a string (not a number or true/false kept as text)."""
+    return isinstance(value, str) and not isinstance(value, JsonLiteral)
+
+
 def _bools_as_text(value: Any) -> Any:
     if value is True:
-        return "true"
+        return JsonLiteral("true")
     if value is False:
-        return "false"
+        return JsonLiteral("false")
     if isinstance(value, list):
         return [_bools_as_text(v) for v in value]
     return value
@@ -71,9 +91,10 @@ def _keep_literals(obj: dict) -> dict:
     return {k: _bools_as_text(v) for k, v in obj.items()}
 
 
-# Numbers keep their literal text ("3.10" stays "3.10", not 3.1), and NaN stays "NaN":
-# a value reaches the tokenizer exactly as written in the file.
-_DECODER = json.JSONDecoder(parse_int=str, parse_float=str, parse_constant=str, object_hook=_keep_literals)
+# Numbers keep their literal text ("3.10" stays "3.10", not 3.1), and NaN stays "NaN", as JsonLiteral: a value
+# that is read as text reaches the tokenizer exactly as written, and text fields can tell it was not a string.
+_DECODER = json.JSONDecoder(parse_int=JsonLiteral, parse_float=JsonLiteral, parse_constant=JsonLiteral,
+                            object_hook=_keep_literals)
 
 
 def _decode_json(text: str) -> Any:

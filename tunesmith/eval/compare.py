@@ -37,6 +37,7 @@ def compare(
     from tunesmith.data.examples import load_eval_examples
     from tunesmith.eval.evaluate import evaluate, load_for_eval
     from tunesmith.eval.report import write_report
+    from tunesmith.model.lock import refuse_while_training
 
     if base_label not in models:
         raise TunesmithError(f"the base model {base_label!r} is not among the models to compare ({', '.join(models)})")
@@ -47,7 +48,12 @@ def compare(
     if reward_model is not None:
         from tunesmith.model.reward_model import find_reward_model
 
+        if Path(reward_model).expanduser().is_dir():
+            refuse_while_training(Path(reward_model).expanduser(), reward_model)
         find_reward_model(reward_model)  # a wrong path fails before any generation
+    for spec in models.values():  # a run folder still being trained fails before any generation
+        if Path(spec).expanduser().is_dir():
+            refuse_while_training(Path(spec).expanduser(), spec)
     settings.check()
     _check_metrics(metrics)
     examples = [e for e in load_eval_examples(data) if e.reference is not None]

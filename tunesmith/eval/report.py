@@ -340,16 +340,20 @@ def write_report(
     base_label: str = "base",
     title: str = "Base vs tuned",
 ) -> Path:
-    """Write results.json, the PNG plots and a self-contained report.html into out_dir; returns report.html."""
+    """Write results.json, the PNG plots and a self-contained report.html into out_dir; returns report.html.
+
+    The files are written aside and moved in together: a failed write (a full disk) leaves the previous report whole.
+    """
+    from tunesmith.model.export import atomic_files
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     comparison = compare_results(results, base_label)
-    write_results(out_dir, results, examples, _comparison_dict(comparison))
-    images = _write_plots(results, comparison, out_dir)
-    page = _render_html(results, examples, comparison, images, title=title)
-    path = out_dir / "report.html"
-    path.write_text(page, encoding="utf-8")
-    return path
+    with atomic_files(out_dir, "the report into") as tmp:
+        write_results(tmp, results, examples, _comparison_dict(comparison))
+        images = _write_plots(results, comparison, tmp)
+        page = _render_html(results, examples, comparison, images, title=title)
+        (tmp / "report.html").write_text(page, encoding="utf-8")
+    return out_dir / "report.html"
 
 
 def _comparison_dict(c: Comparison) -> dict[str, Any]:

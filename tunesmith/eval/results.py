@@ -73,13 +73,11 @@ def write_results(
     payload: dict[str, Any] = {"results": [r.to_dict() for r in results], "examples": [asdict(e) for e in examples]}
     if comparison is not None:
         payload["comparison"] = comparison
-    path = out_dir / RESULTS_FILE
-    tmp = path.with_name(f".{RESULTS_FILE}.tmp")
+    from tunesmith.model.export import write_file
+
     # default=str: extra fields of Parquet or HF rows may hold dates or bytes
-    tmp.write_text(json.dumps(_finite_or_none(payload), indent=2, ensure_ascii=False, default=str) + "\n",
-                   encoding="utf-8")
-    tmp.replace(path)
-    return path
+    text = json.dumps(_finite_or_none(payload), indent=2, ensure_ascii=False, default=str) + "\n"
+    return write_file(out_dir / RESULTS_FILE, text, "the results", "free some space and run the command again")
 
 
 def _finite_or_none(value: Any) -> Any:

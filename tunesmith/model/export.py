@@ -1,11 +1,13 @@
 """Writing final outputs: a LoRA adapter (PEFT format), the adapter merged into its base, or a full model.
 
 Every output folder is written into a temporary sibling folder, fsynced, then renamed into place, so an
-interrupted save never leaves a half-written folder under the final name.
+interrupted save never leaves a half-written folder under the final name. A write that fails for lack of space
+removes its temporary folder and raises one `DiskFullError` naming the path and the free space.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
@@ -14,12 +16,85 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import DiskFullError, TunesmithError
 from tunesmith.model.lora import merged_state_dict
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+# ---------------------------------------------------------------- a full disk
+
+_FULL_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EFBIG: "the file-size limit (ulimit -f) is reached"}
+# Writers in C++ and Rust (torch.save to a path, safetensors) report the OS error in their message only.
+_FULL_TEXTS = {"No space left on device": errno.ENOSPC, "os error 28": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+               "os error 122": errno.EDQUOT, "File too large": errno.EFBIG, "os error 27": errno.EFBIG}
+
+
+def disk_full_reason(exc: BaseException) -> str | None:
+    """Why `exc` (or an exception it was raised from) means the disk is full; None when it is something else."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DiskFullError):
+            return current.reason
+        if isinstance(current, OSError) and current.errno in _FULL_ERRNOS:
+            return _FULL_ERRNOS[current.errno]
+        text = str(current)
+        for needle, code in _FULL_TEXTS.items():
+            if needle in text:
+                return _FULL_ERRNOS[code]
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def format_bytes(n: float) -> str:
+    """`n` bytes as a short human figure: 512 B, 12.0 KiB, 3.4 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def free_space(path: str | Path) -> str:
+    """The free space of the filesystem holding `path` (or its nearest existing parent), e.g. '12.0 KiB of 16.0 MiB'."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        usage = shutil.disk_usage(p)
+    except OSError:
+        return "an unknown amount"
+    return f"{format_bytes(usage.free)} of {format_bytes(usage.total)}"
+
+
+def disk_full_error(exc: BaseException, path: str | Path, what: str, advice: str = "") -> DiskFullError | None:
+    """The one clear error for a write of `what` at `path` that failed with a full disk; None for other failures."""
+    reason = disk_full_reason(exc)
+    if reason is None:
+        return None
+    message = f"could not write {what} {path}: {reason} ({free_space(path)} free on its filesystem)"
+    return DiskFullError(message + (f"; {advice}" if advice else ""), reason=reason)
+
+
+def write_file(path: str | Path, text: str, what: str, advice: str = "") -> Path:
+    """Write `text` to `path` through a temporary file and a rename: the old file or the whole new one, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        full = disk_full_error(exc, path, what, advice)
+        if full is not None:
+            raise full from None
+        raise
+    return path
 
 
 # ---------------------------------------------------------------- atomic folders
@@ -71,9 +146,15 @@ def make_temp_dir(parent: Path, prefix: str) -> Path:
             continue
 
 
+RESUME_ADVICE = "free some space, then run the same train command again: it resumes from the last checkpoint"
+
+
 @contextmanager
-def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder next to `out_dir`; on success it replaces `out_dir`, on error it is removed."""
+def atomic_dir(out_dir: str | Path, what: str = "the output folder", advice: str = RESUME_ADVICE) -> Iterator[Path]:
+    """Yield a temporary folder next to `out_dir`; on success it replaces `out_dir`, on error it is removed.
+
+    A failure for lack of space raises one `DiskFullError` naming `out_dir` and the free space.
+    """
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise TunesmithError(f"output {str(out)!r} exists and is a file; give a folder path, or remove the file")
@@ -83,9 +164,45 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
         yield tmp
         fsync_tree(tmp)
         replace_dir(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full_error(exc, out, what, advice)
+        if full is not None:
+            raise full from None
         raise
+
+
+@contextmanager
+def atomic_files(out_dir: str | Path, what: str, advice: str = "free some space and run the command again") -> Iterator[Path]:
+    """Yield a temporary folder inside `out_dir`; on success each file in it replaces its namesake in `out_dir`.
+
+    For folders that hold other things too (a report beside the files a run keeps there). Each file appears whole,
+    and when any write fails (a full disk: one `DiskFullError`) none of the new files appears and the old ones stay.
+    """
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise TunesmithError(f"output {str(out)!r} exists and is a file; give a folder path, or remove the file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = make_temp_dir(out, ".tmp-")
+    except OSError as exc:
+        full = disk_full_error(exc, out, what, advice)
+        if full is not None:
+            raise full from None
+        raise
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)  # a rename needs no new space
+        _fsync_dir(out)
+    except BaseException as exc:
+        full = disk_full_error(exc, out, what, advice)
+        if full is not None:
+            raise full from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager

@@ -17,6 +17,7 @@ import torch
 from tunesmith.config import LoadConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.model.loading import ResolvedModel, load_model, load_tokenizer, resolve_model
+from tunesmith.model.lock import refuse_while_training
 from tunesmith.model.lora import merged_state_dict
 
 
@@ -41,6 +42,7 @@ def locate(spec: str) -> RunModel:
     path = Path(spec).expanduser()
     if not (path.is_dir() and (path / "config.yaml").is_file()):
         return RunModel(spec=spec, run_dir=None, base=spec)
+    refuse_while_training(path, spec)  # its outputs are not all written yet
     if (path / "reward_model").is_dir():
         raise TunesmithError(
             f"run folder {spec!r} holds a reward model (method: reward), which scores answers but does not write "
