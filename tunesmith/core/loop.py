@@ -28,6 +28,7 @@ from tunesmith.core import checkpoint as ckpt
 from tunesmith.core.contract import Objective, StepOutcome
 from tunesmith.core.distributed import DistInfo, all_reduce_sum
 from tunesmith.core.logs import RunLogger, truncate_metrics
+from tunesmith.core.trackers import Trackers
 from tunesmith.data import Row, collate
 from tunesmith.ops.losses import perplexity
 
@@ -304,8 +305,10 @@ def train_loop(
     pad_id: int,
     collate_fn: Collate = collate,
     callbacks: Sequence[LoopCallback] = (),
+    trackers: Trackers | None = None,
 ) -> LoopResult:
-    """Train `model` through `loss_module` on `train_rows`; resume from run_dir/checkpoints if present."""
+    """Train `model` through `loss_module` on `train_rows`; resume from run_dir/checkpoints if present.
+    Metrics go to run_dir/metrics.jsonl and to `trackers` (started by the caller), at the same steps."""
     started = time.time()
     steps = total_steps(len(train_rows), cfg, info.world_size)
     optimizer = build_optimizer(model, cfg)
@@ -328,7 +331,7 @@ def train_loop(
                 truncate_metrics(run_dir / "metrics.jsonl", state.step)
     resumed_from = state.step
 
-    logger = RunLogger(run_dir, steps, state.step, enabled=info.is_main)
+    logger = RunLogger(run_dir, steps, state.step, enabled=info.is_main, trackers=trackers)
     if resumed_from:
         logger.write(f"resumed from checkpoint at step {resumed_from}")
     order = RowOrder(len(train_rows), cfg.batch_size * cfg.grad_accum * info.world_size, cfg.seed)
