@@ -154,6 +154,19 @@ def _wandb_run(wandb_dir: Path, run_id: str) -> dict:
     return out
 
 
+def _tensorboard_events(path: Path):
+    """The events of a TensorBoard event file (TFRecords: length, its CRC, an `Event`, its CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, pos = path.read_bytes(), 0
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack_from("<Q", data, pos)
+        event = Event()
+        event.ParseFromString(data[pos + 12 : pos + 12 + length])
+        pos += 12 + length + 4
+        yield event
+
+
 def _tracked_config(tmp_path: Path, model: Path, report_to: list[str], **train) -> dict:
     data = write_chat(tmp_path, 16)
     cfg = run_config(model, data, tmp_path / "run", **{"max_steps": 8, "max_length": 64, **train})
@@ -246,7 +259,17 @@ def test_trackers_hold_metrics_jsonl_across_stops_and_resumes(tmp_path: Path, ti
     assert trackio_run["config"]["train"]["max_steps"] == 8
     assert set(trackio_run["files"]) == report_files, trackio_run["artifacts"]
 
-    assert any((run_dir / "tensorboard").iterdir())
+    # TensorBoard: the last attempt's file opens with a purge marker at step 1 (TensorBoard then drops the earlier
+    # attempts' events) and holds the whole run, the replayed steps included; its scalars are float32
+    from tensorboardX.proto.event_pb2 import SessionLog
+
+    last = max((run_dir / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns)
+    events = [e for e in _tensorboard_events(last) if not e.file_version]
+    assert events[0].session_log.status == SessionLog.START and events[0].step == 1
+    scalars = [(e.step, v.tag, v.simple_value) for e in events[1:] for v in e.summary.value
+               if not v.tag.startswith(FINAL)]
+    float32 = {k: float(struct.unpack("f", struct.pack("f", v))[0]) for k, v in expected.items()}
+    _assert_same("tensorboard", scalars, float32, redone)
 
 
 class _CorruptStoreAt(LoopCallback):
