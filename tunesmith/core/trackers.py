@@ -394,6 +394,7 @@ class Trackers:
         self.trackers: list[Tracker] = [TRACKERS[name](project, run_name) for name in names]
 
     def __bool__(self) -> bool:
+        """True while some tracker is running."""
         return bool(self.trackers)
 
     @property
