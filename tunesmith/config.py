@@ -7,6 +7,8 @@ reported together in one `TunesmithError`, before any model or data is loaded.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +20,17 @@ import yaml
 from tunesmith.errors import TunesmithError
 
 DEFAULT_METRICS = ("exact_match", "contains")  # of the report built into train, `tunesmith eval` and `compare`
+
+TrackerName = Literal["tensorboard", "wandb", "mlflow", "trackio"]
+# What each tracker of `log.report_to` imports, and the extra that installs it (tensorboardX is a dependency).
+TRACKER_MODULES: dict[str, tuple[str, ...]] = {
+    "tensorboard": ("tensorboardX",),
+    "wandb": ("wandb",),
+    "mlflow": ("mlflow",),
+    "trackio": ("trackio",),
+}
+# MLflow's local store (a SQLite file in the run folder) needs the full mlflow package, not mlflow-skinny.
+MLFLOW_LOCAL_STORE_MODULES = ("sqlalchemy", "alembic")
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -168,6 +181,15 @@ class OutputConfig:
 
 
 @dataclass(kw_only=True)
+class LogConfig:
+    """Where the metrics of a run go besides metrics.jsonl: the experiment trackers."""
+
+    report_to: list[TrackerName] = field(default_factory=lambda: ["tensorboard"], metadata=_doc("trackers that get the metrics of metrics.jsonl at the same steps, the config as parameters, and at the end the summary and the report: tensorboard, wandb (offline unless logged in), mlflow (a SQLite store in the run folder unless MLFLOW_TRACKING_URI is set), trackio (local); [] = metrics.jsonl only"))
+    project: str = field(default="tunesmith", metadata=_doc("the W&B project, MLflow experiment and Trackio project runs are filed under"))
+    run_name: str | None = field(default=None, metadata=_doc("the run's name in the trackers; null = the run folder's name"))
+
+
+@dataclass(kw_only=True)
 class Config:
     """One fine-tuning run."""
 
@@ -185,6 +207,7 @@ class Config:
     ppo: PpoConfig = field(default_factory=PpoConfig, metadata=_doc("ppo section"))
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=_doc("base-vs-tuned evaluation section"))
     output: OutputConfig = field(default_factory=OutputConfig, metadata=_doc("outputs section"))
+    log: LogConfig = field(default_factory=LogConfig, metadata=_doc("experiment trackers section"))
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain data, as saved in the run folder."""
@@ -338,12 +361,41 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append(f"eval.max_rows: must be at least 1 (or null for all rows), got {cfg.eval.max_rows}")
     if cfg.eval.batch_size < 1:
         problems.append(f"eval.batch_size: must be at least 1, got {cfg.eval.batch_size}")
+    _check_trackers(cfg.log, problems)
     if not cfg.data.train:
         problems.append("data.train: required; give the training data file (e.g. data.train=train.jsonl)")
     if not cfg.model:
         problems.append("model: required; a local folder, a hub id, a .gguf file or 'default'")
     if not cfg.output_dir:
         problems.append("output_dir: required; the folder the run writes to")
+
+
+def module_missing(name: str) -> bool:
+    """True when the module `name` cannot be imported here (looked up without importing it)."""
+    try:
+        return importlib.util.find_spec(name) is None
+    except (ImportError, ValueError):  # a parent package that fails, or a module blanked out in sys.modules
+        return True
+
+
+def _check_trackers(log: LogConfig, problems: list[str]) -> None:
+    seen: set[str] = set()
+    for name in log.report_to:
+        if name in seen:
+            problems.append(f"log.report_to: {name} is listed twice")
+            continue
+        seen.add(name)
+        missing = [m for m in TRACKER_MODULES.get(name, ()) if module_missing(m)]
+        if missing:
+            problems.append(f"log.report_to: {name} is not installed ({missing[0]} cannot be imported); install it "
+                            f"with: pip install 'tunesmith[{name}]' (or leave {name} out of log.report_to)")
+        elif name == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI") and any(
+                module_missing(m) for m in MLFLOW_LOCAL_STORE_MODULES):
+            problems.append("log.report_to: mlflow's local store in the run folder needs the full mlflow package "
+                            "(mlflow-skinny lacks its database support); install it with: pip install "
+                            "'tunesmith[mlflow]', or set MLFLOW_TRACKING_URI to your tracking server")
+    if not log.project:
+        problems.append("log.project: must not be empty")
 
 
 def _check_rl(cfg: Config, problems: list[str]) -> None:

@@ -21,9 +21,11 @@ from tunesmith.config import Config, load_config, save_config
 from tunesmith.core import checkpoint as ckpt
 from tunesmith.core import distributed
 from tunesmith.core.loop import LoopCallback, LoopResult, train_loop
+from tunesmith.core.trackers import Trackers
 from tunesmith.data import DataStats
 from tunesmith.errors import TunesmithError
 from tunesmith.eval import in_run
+from tunesmith.eval.results import RESULTS_FILE, headline_numbers
 from tunesmith.methods import get_method
 from tunesmith.model import apply_lora, count_parameters, load_model, load_tokenizer, resolve_model
 from tunesmith.model.attention import checkpoint_context
@@ -112,9 +114,13 @@ def check_run_dir(cfg: Config) -> bool:
         return False  # stopped before its first checkpoint: start afresh in the same folder
     import yaml
 
-    # output_dir may differ: a run folder that was moved or copied resumes where it now is
+    # output_dir may differ: a run folder that was moved or copied resumes where it now is; so may the
+    # trackers (`log`), which change nothing in training: one added on resume gets the whole run replayed
     old = {**(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}), "output_dir": cfg.output_dir}
-    diffs = _config_diff(old, cfg.to_dict())
+    new = cfg.to_dict()
+    for section in (old, new):
+        section.pop("log", None)
+    diffs = _config_diff(old, new)
     if diffs:
         raise TunesmithError(
             f"output_dir {str(run_dir)!r} has a checkpoint from a different config; resuming needs the same "
@@ -168,6 +174,9 @@ def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCall
     trainable, total = count_parameters(model)
 
     run_dir = Path(cfg.output_dir)
+    # only rank 0 logs: the other ranks have no trackers
+    trackers = Trackers(cfg.log.report_to if info.is_main else [], project=cfg.log.project,
+                        run_name=cfg.log.run_name or run_dir.resolve().name)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire()  # one train per folder: refuses a live one, takes over a killed one's
@@ -182,37 +191,43 @@ def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCall
             + (f"\n  eval:  {eval_data.stats.summary()}" if eval_data else ""),
             flush=True,
         )
-    base_result = None
-    if run_eval is not None and info.is_main:
-        base_result = in_run.evaluate_base(lm, tokenizer, run_eval, run_dir, resolved.spec)
-    distributed.barrier(info)
+        trackers.start(cfg.to_dict(), run_dir, resuming)
+    try:
+        base_result = None
+        if run_eval is not None and info.is_main:
+            base_result = in_run.evaluate_base(lm, tokenizer, run_eval, run_dir, resolved.spec)
+        distributed.barrier(info)
 
-    loss_module = method.loss_module(model, cfg, tokenizer)
-    for data in (train_data, eval_data):
-        if data is not None:
-            method.prepare(loss_module, data, cfg, info)
-    loop = train_loop(
-        model=model,
-        loss_module=loss_module,
-        train_rows=train_data.rows,
-        eval_rows=eval_data.rows if eval_data else None,
-        cfg=cfg.train,
-        run_dir=run_dir,
-        info=info,
-        pad_id=tokenizer.pad_token_id,
-        collate_fn=method.collate,
-        callbacks=callbacks,
-    )
+        loss_module = method.loss_module(model, cfg, tokenizer)
+        for data in (train_data, eval_data):
+            if data is not None:
+                method.prepare(loss_module, data, cfg, info)
+        loop = train_loop(
+            model=model,
+            loss_module=loss_module,
+            train_rows=train_data.rows,
+            eval_rows=eval_data.rows if eval_data else None,
+            cfg=cfg.train,
+            run_dir=run_dir,
+            info=info,
+            pad_id=tokenizer.pad_token_id,
+            collate_fn=method.collate,
+            callbacks=callbacks,
+            trackers=trackers,
+        )
 
-    outputs: dict[str, str] = {}
-    if info.is_main:
-        model.eval()
-        outputs.update(method.save_outputs(model, tokenizer, cfg, run_dir))
-        if run_eval is not None and base_result is not None:
-            report, headline = in_run.evaluate_tuned_and_report(lm, tokenizer, run_eval, run_dir, base_result)
-            outputs["report"] = str(report)
-            print(headline, flush=True)
-    distributed.barrier(info)
+        outputs: dict[str, str] = {}
+        if info.is_main:
+            model.eval()
+            outputs.update(method.save_outputs(model, tokenizer, cfg, run_dir))
+            if run_eval is not None and base_result is not None:
+                report, headline = in_run.evaluate_tuned_and_report(lm, tokenizer, run_eval, run_dir, base_result)
+                outputs["report"] = str(report)
+                print(headline, flush=True)
+        distributed.barrier(info)
+    except BaseException:
+        trackers.close()  # their runs end as failed; a resumed run continues them
+        raise
 
     result = RunResult(
         run_dir=run_dir,
@@ -224,10 +239,37 @@ def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCall
     )
     if info.is_main:
         outputs["metrics"] = str(run_dir / "metrics.jsonl")
-        outputs["tensorboard"] = str(run_dir / "tensorboard")
+        outputs.update(trackers.locations)
         write_file(run_dir / SUMMARY, json.dumps(result.summary(), indent=2), "the run summary")
+        # after summary.json: the run is complete whatever a tracker does with its end
+        artifacts = [run_dir / SUMMARY]
+        if "report" in outputs:
+            artifacts += [Path(outputs["report"]), Path(outputs["report"]).parent / RESULTS_FILE]
+        trackers.finish(tracker_summary(result), artifacts)
         print(format_summary(result), flush=True)
     return result
+
+
+def tracker_summary(result: RunResult) -> dict[str, float]:
+    """The numbers the trackers get at the end: summary.json's as `summary/...` and the report's headline
+    numbers as `report/<model>/<measure>` (and `report/<model>/<measure>_delta` against the base)."""
+    numbers: dict[str, float] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}/{key}", inner)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            numbers[prefix] = float(value)
+
+    summary = result.summary()
+    for key in ("steps", "resumed_from", "tokens_seen", "final_loss", "eval_loss", "wall_s", "peak_rss_mb",
+                "parameters", "train_data", "eval_data"):
+        walk(f"summary/{key}", summary.get(key))
+    if "report" in result.outputs:
+        results = Path(result.outputs["report"]).parent / RESULTS_FILE
+        numbers.update(headline_numbers(json.loads(results.read_text(encoding="utf-8"))))
+    return numbers
 
 
 def format_summary(result: RunResult) -> str:

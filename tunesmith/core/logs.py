@@ -1,9 +1,8 @@
-"""Run logs: metrics.jsonl, TensorBoard event files and the progress bar."""
+"""Run logs: metrics.jsonl, the experiment trackers (TensorBoard, W&B, MLflow, Trackio) and the progress bar."""
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -11,7 +10,23 @@ from typing import Any
 
 from tqdm import tqdm
 
+from tunesmith.core.trackers import Trackers
 from tunesmith.model.export import RESUME_ADVICE, disk_full_error
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file, leaving out a line cut short by a kill."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
 
 
 def truncate_metrics(path: Path, keep_through_step: int) -> None:
@@ -30,24 +45,22 @@ def truncate_metrics(path: Path, keep_through_step: int) -> None:
 
 
 class RunLogger:
-    """Writes metrics to metrics.jsonl and TensorBoard, and drives the progress bar (main rank only)."""
+    """Writes metrics to metrics.jsonl, hands them to the run's trackers, and drives the progress bar (main rank
+    only). Resuming at `start_step`, it first replays metrics.jsonl to the trackers (they skip what they hold)."""
 
-    def __init__(self, run_dir: Path | None, total_steps: int, start_step: int, enabled: bool) -> None:
+    def __init__(self, run_dir: Path | None, total_steps: int, start_step: int, enabled: bool,
+                 trackers: Trackers | None = None) -> None:
         self.enabled = enabled and run_dir is not None
         self._file = None
-        self._tb = None
+        self._trackers = trackers if self.enabled else None
         self._bar = None
         self._failed = False  # a write failed (and was reported): closing must not report it again
         if not self.enabled:
             return
         assert run_dir is not None
+        if self._trackers and start_step > 0:
+            self._trackers.replay(read_metrics(run_dir / "metrics.jsonl"))
         self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        try:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(logdir=str(run_dir / "tensorboard"))
-        except ImportError:  # pragma: no cover - tensorboardX is a dependency
-            self._tb = None
         self._bar = tqdm(
             total=total_steps,
             initial=start_step,
@@ -73,10 +86,8 @@ class RunLogger:
             if full is not None:
                 raise full from None
             raise
-        if self._tb is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
+        if self._trackers:
+            self._trackers.log(step, metrics)
 
     def progress(self, steps: int, postfix: dict[str, str]) -> None:
         """Advance the progress bar and show the live figures."""
@@ -90,11 +101,9 @@ class RunLogger:
             tqdm.write(text, file=sys.stderr)
 
     def close(self) -> None:
-        """Flush and close everything."""
+        """Close the progress bar and metrics.jsonl (the trackers are ended by the run, after its report)."""
         if self._bar is not None:
             self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
         if self._file is not None:
             try:
                 self._file.close()

@@ -32,6 +32,7 @@ from tunesmith.core import guards
 from tunesmith.core.contract import Objective, StepOutcome
 from tunesmith.core.distributed import DistInfo, all_reduce_sum, barrier
 from tunesmith.core.logs import RunLogger, truncate_metrics
+from tunesmith.core.trackers import Trackers
 from tunesmith.data import Row, collate
 from tunesmith.errors import TunesmithError
 from tunesmith.ops.losses import perplexity
@@ -313,8 +314,10 @@ def train_loop(
     pad_id: int,
     collate_fn: Collate = collate,
     callbacks: Sequence[LoopCallback] = (),
+    trackers: Trackers | None = None,
 ) -> LoopResult:
-    """Train `model` through `loss_module` on `train_rows`; resume from run_dir/checkpoints if present."""
+    """Train `model` through `loss_module` on `train_rows`; resume from run_dir/checkpoints if present.
+    Metrics go to run_dir/metrics.jsonl and to `trackers` (started by the caller), at the same steps."""
     started = time.time()
     steps = total_steps(len(train_rows), cfg, info.world_size)
     optimizer = build_optimizer(model, cfg)
@@ -345,7 +348,7 @@ def train_loop(
                                        for d, why in damaged) + f"resuming from the previous good one, {good}"
     resumed_from = state.step
 
-    logger = RunLogger(run_dir, steps, state.step, enabled=info.is_main)
+    logger = RunLogger(run_dir, steps, state.step, enabled=info.is_main, trackers=trackers)
     if damaged_note:
         logger.write(damaged_note)
     if resumed_from:

@@ -18,7 +18,7 @@ from tunesmith.config import DEFAULT_METRICS
 if TYPE_CHECKING:
     from tunesmith.data.examples import EvalExample
 
-__all__ = ["DEFAULT_METRICS", "REWARD", "RESULTS_FILE", "EvalResult", "EvalRow", "write_results"]
+__all__ = ["DEFAULT_METRICS", "REWARD", "RESULTS_FILE", "EvalResult", "EvalRow", "headline_numbers", "write_results"]
 
 RESULTS_FILE = "results.json"
 REWARD = "reward"  # the metric name of reward-model scores (tunesmith.eval.score) in results and reports
@@ -78,6 +78,20 @@ def write_results(
     # default=str: extra fields of Parquet or HF rows may hold dates or bytes
     text = json.dumps(_finite_or_none(payload), indent=2, ensure_ascii=False, default=str) + "\n"
     return write_file(out_dir / RESULTS_FILE, text, "the results", "free some space and run the command again")
+
+
+def headline_numbers(payload: dict[str, Any]) -> dict[str, float]:
+    """The report's numbers from a results.json payload, flat: `report/<model>/<measure>` for every model's value
+    and `report/<model>/<measure>_delta` for its difference from the base (empty without a comparison)."""
+    numbers: dict[str, float] = {}
+    measures = (payload.get("comparison") or {}).get("measures") or {}
+    for measure, entry in measures.items():
+        for label, score in (entry.get("models") or {}).items():
+            for key, name in (("value", measure), ("delta", f"{measure}_delta")):
+                value = score.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    numbers[f"report/{label}/{name}"] = float(value)
+    return numbers
 
 
 def _finite_or_none(value: Any) -> Any:
