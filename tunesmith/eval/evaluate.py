@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import re
 import time
-import warnings
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -27,8 +26,8 @@ from tunesmith.errors import TunesmithError
 from tunesmith.eval.metrics import check_references, resolve_metrics, score_row
 from tunesmith.eval.results import DEFAULT_METRICS, EvalResult, EvalRow, write_results
 from tunesmith.model.generate import GenerationSettings, generate
-from tunesmith.model.loading import ResolvedModel, load_model, load_tokenizer, resolve_model
-from tunesmith.model.lora import merged_state_dict
+from tunesmith.model.loading import load_model, load_tokenizer, resolve_model
+from tunesmith.model.runs import is_run_dir, load_run
 from tunesmith.ops.losses import perplexity as perplexity_of
 
 # ---------------------------------------------------------------- loading
@@ -38,68 +37,15 @@ def load_for_eval(spec: str, load: LoadConfig, device: torch.device | None = Non
     """Model (in eval mode), tokenizer and run folder (None for a plain model) for anything `train` accepts or a run folder.
 
     A run folder (it holds config.yaml) gives its merged/ model, else its base model with adapter/
-    applied, else its fully fine-tuned model/.
+    applied, else its fully fine-tuned model/ (`tunesmith.model.runs.load_run`).
     """
     path = Path(spec).expanduser()
-    if path.is_dir() and (path / "config.yaml").is_file():
-        model, tokenizer = _load_run(path, spec, load, device)
+    if is_run_dir(path):
+        model, tokenizer = load_run(path, spec, load, device)
         return model.eval(), tokenizer, str(path)
     resolved = resolve_model(spec, load)
     tokenizer = load_tokenizer(resolved, load)
     return load_model(resolved, load, device).eval(), tokenizer, None
-
-
-def _load_run(run: Path, spec: str, load: LoadConfig, device: torch.device | None):
-    if (run / "reward_model").is_dir():
-        raise TunesmithError(
-            f"run folder {spec!r} holds a reward model (method: reward), which scores answers but does not write "
-            f"them; use `tunesmith score --reward-model {spec}`, or `--reward-model {spec}` with tunesmith compare"
-        )
-    if (run / "merged" / "config.json").is_file():
-        return _load_plain(run / "merged", load, device)
-    adapter = run / "adapter"
-    if (adapter / "adapter_config.json").is_file():
-        return _load_adapter(run, spec, load, device)
-    if (run / "model" / "config.json").is_file():
-        return _load_plain(run / "model", load, device)
-    raise TunesmithError(
-        f"run folder {spec!r} holds no trained model yet (no merged/, adapter/ or model/); let the run finish "
-        "(re-running its train command resumes it), or give a model folder"
-    )
-
-
-def _load_plain(folder: Path, load: LoadConfig, device: torch.device | None):
-    resolved = resolve_model(str(folder), load)
-    return load_model(resolved, load, device), load_tokenizer(resolved, load)
-
-
-def _load_adapter(run: Path, spec: str, load: LoadConfig, device: torch.device | None):
-    import peft
-    import yaml
-
-    adapter = run / "adapter"
-    base_spec = (yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}).get("model")
-    if not base_spec:
-        raise TunesmithError(f"run folder {spec!r}: config.yaml names no base model for adapter/; the file is damaged")
-    try:
-        resolved = resolve_model(str(base_spec), load)
-        model = load_model(resolved, load, device)
-    except TunesmithError as exc:
-        raise TunesmithError(f"run folder {spec!r}: its adapter needs base model {base_spec!r}, which fails: {exc}") from None
-    try:
-        with warnings.catch_warnings():
-            # peft probes a property transformers has deprecated; the warning says nothing to our users
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            adapted = peft.PeftModel.from_pretrained(model, str(adapter))
-        # Folded into the weights: generation then runs at the plain model's speed.
-        merged = merged_state_dict(adapted)
-        model = adapted.unload()
-        model.load_state_dict(merged)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise TunesmithError(f"run folder {spec!r}: could not apply {adapter} to {base_spec!r}: {exc}") from exc
-    if (adapter / "tokenizer_config.json").is_file():  # saved with the adapter, chat template included
-        resolved = ResolvedModel(spec=str(adapter), path=str(adapter), source="local")
-    return model, load_tokenizer(resolved, load)
 
 
 # ---------------------------------------------------------------- perplexity
