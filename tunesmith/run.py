@@ -200,6 +200,8 @@ def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCall
             report, headline = in_run.evaluate_tuned_and_report(lm, tokenizer, run_eval, run_dir, base_result)
             outputs["report"] = str(report)
             print(headline, flush=True)
+        if cfg.output.gguf is not None:
+            outputs.update(_export_gguf(cfg, run_dir))
     distributed.barrier(info)
 
     result = RunResult(
@@ -216,6 +218,21 @@ def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCall
         (run_dir / SUMMARY).write_text(json.dumps(result.summary(), indent=2))
         print(format_summary(result), flush=True)
     return result
+
+
+def _export_gguf(cfg: Config, run_dir: Path) -> dict[str, str]:
+    """The run's model as GGUF (output.gguf), checked against it on the run's held-out rows."""
+    from tunesmith.model.gguf_export import export
+
+    quant = cfg.output.gguf
+    assert quant is not None
+    print(f"exporting to GGUF ({quant}) ...", flush=True)
+    report = export(str(run_dir), gguf=run_dir / "gguf" / f"model.{quant}.gguf", quant=quant, load=cfg.load)
+    print(report.summary(), flush=True)
+    written = {"gguf": str(report.gguf)}
+    if report.modelfile is not None:
+        written["modelfile"] = str(report.modelfile)
+    return written
 
 
 def format_summary(result: RunResult) -> str:
