@@ -27,6 +27,7 @@ adapter.gguf`): general.type=adapter, adapter.type=lora, adapter.lora.alpha, ten
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -544,17 +545,23 @@ def _write(writer, path: Path, tensors: list[PlannedTensor], desc: str) -> None:
 
 
 def check_out_path(path: str | Path, flag: str) -> Path:
-    """The output file `path`, checked: a .gguf name whose folder can be made; the folder is created."""
+    """The output file `path` as an absolute path, checked: a .gguf file name, not a folder, not under a file."""
     out = Path(path).expanduser().absolute()
     if out.suffix.lower() != ".gguf":
         raise TunesmithError(f"{flag}: {str(path)!r} does not end in .gguf; give a file name such as model.gguf")
     if out.is_dir():
         raise TunesmithError(f"{flag}: {str(out)!r} is a folder; give a file name inside it, such as {out / 'model.gguf'}")
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise TunesmithError(f"{flag}: {str(above)!r} is a file, so {str(out)!r} cannot be written under it")
+    return out
+
+
+def _make_parent(out: Path) -> None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise TunesmithError(f"{flag}: cannot create the folder {str(out.parent)!r}: {exc}") from exc
-    return out
+        raise TunesmithError(f"cannot create the folder {str(out.parent)!r} for {out.name}: {exc}") from exc
 
 
 # ---------------------------------------------------------------- Ollama Modelfile
@@ -651,7 +658,8 @@ def _quoted(text: str) -> str:
     return '"""' + text + '"""' if '"""' not in text else json.dumps(text)
 
 
-def modelfile_text(gguf_name: str, tokenizer, stop_texts: list[str], add_bos: bool) -> tuple[str, bool]:
+def modelfile_text(gguf_name: str, tokenizer: PreTrainedTokenizerBase, stop_texts: list[str],
+                   add_bos: bool) -> tuple[str, bool]:
     """An Ollama Modelfile for `gguf_name` (FROM, TEMPLATE, stop tokens, SYSTEM) and whether it has a TEMPLATE."""
     lines = [f"# Ollama: ollama create NAME -f {MODELFILE}", f"FROM ./{gguf_name}", ""]
     turns = _chat_turns(tokenizer) if getattr(tokenizer, "chat_template", None) else None
@@ -827,7 +835,9 @@ class ExportReport:
             lines.append(f"  lora gguf  {self.lora_gguf}  ({self.lora_tensors} tensors): llama-cli -m BASE.gguf "
                          f"--lora {self.lora_gguf}")
         c = self.check
-        if c is not None and c.skipped:
+        if c is None and self.gguf is not None:
+            lines.append("check: off (--no-check)")
+        elif c is not None and c.skipped:
             lines.append(f"check: skipped at {self.quant}: {c.skipped}")
         elif c is not None:
             lines.append(f"check: {c.agree}/{c.prompts} prompts give the same greedy tokens from the file as from the "
@@ -890,6 +900,7 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: 
     if config.model_type == "mistral" and getattr(config, "sliding_window", None):
         report.notes.append(f"mistral sliding_window={config.sliding_window}: llama.cpp's llama architecture attends "
                             "to the whole context, so answers may differ past that many tokens")
+    _make_parent(out)
     with _temp_beside(out) as tmp:
         _write(writer, tmp, tensors, desc=f"writing {out.name}")
         report.check = check(tmp) if check is not None else None
@@ -924,15 +935,14 @@ def export(spec: str, *, gguf: str | Path | None = None, quant: str = "q8_0", lo
     if out is not None and out == lora_out:
         raise TunesmithError("export: --gguf and --lora-gguf name the same file; give two names")
     # float32 weights; eager attention on both sides of the check (every architecture has it, Gemma 2 needs it)
-    load = LoadConfig(**{**(load.__dict__ if load else {}), "dtype": "float32", "attn_implementation": "eager"})
+    load = dataclasses.replace(load or LoadConfig(), dtype="float32", attn_implementation="eager")
     report = ExportReport(source=spec)
     if lora_out is not None:
         report.lora_gguf, report.lora_tensors = lora_out, export_lora(spec, lora_out, load)
     if out is not None:
         model, tokenizer = load_source(spec, load)
-        architecture_of(model.config)
-        conversations, where = check_prompts(spec, prompts)
         arch = architecture_of(model.config)
+        conversations, where = check_prompts(spec, prompts)
 
         def run_check(path: Path) -> CheckResult:
             return check_gguf(path, model, tokenizer, conversations, arch)
@@ -1023,6 +1033,7 @@ def export_lora(spec: str, out: Path, load: LoadConfig) -> int:
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     writer.add_name(f"{_source_name(spec)} LoRA")
+    _make_parent(out)
     with _temp_beside(out) as tmp:
         _write(writer, tmp, planned, desc=f"writing {out.name}")
         _publish(tmp, out)
