@@ -92,6 +92,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return run_eval_command(args)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from tunesmith.config import LoadConfig
+    from tunesmith.model.gguf_export import export
+
+    targets = " and ".join(f"{flag} {path}" for flag, path in (("--gguf", args.gguf), ("--lora-gguf", args.lora_gguf)) if path)
+    print(f"tunesmith export: {args.model} -> {targets or 'nothing'}" + (f" ({args.quant})" if args.gguf else ""),
+          flush=True)
+    report = export(args.model, gguf=args.gguf, quant=args.quant, lora_gguf=args.lora_gguf,
+                    load=LoadConfig(trust_remote_code=args.trust_remote_code), check=not args.no_check,
+                    prompts=args.check_prompts)
+    print(report.summary(), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every sub-command."""
     parser = argparse.ArgumentParser(
@@ -176,6 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p_eval.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with a hub model")
     p_eval.set_defaults(func=_cmd_eval)
+
+    p_export = sub.add_parser("export", help="write a model or run as GGUF (llama.cpp, Ollama, LM Studio), checked "
+                              "against the original")
+    p_export.add_argument("model", help="a tunesmith run folder, model folder, hub id, .gguf, or 'default'")
+    p_export.add_argument("--gguf", metavar="OUT.gguf", help="the GGUF file to write (an Ollama Modelfile is "
+                          "written next to it)")
+    p_export.add_argument("--quant", default="q8_0", choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+                          help="precision of the weights (default q8_0; q4_0 keeps the embedding at q8_0)")
+    p_export.add_argument("--lora-gguf", metavar="OUT.gguf", help="write a LoRA run's adapter alone as a GGUF LoRA "
+                          "adapter (llama.cpp --lora)")
+    p_export.add_argument("--no-check", action="store_true", help="skip reading the file back and comparing answers")
+    p_export.add_argument("--check-prompts", type=int, default=4, metavar="N",
+                          help="prompts the check compares (the run's held-out rows, else built-in ones)")
+    p_export.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with a hub model")
+    p_export.set_defaults(func=_cmd_export)
     return parser
 
 

@@ -178,6 +178,7 @@ class OutputConfig:
 
     merge: bool = field(default=True, metadata=_doc("also save the LoRA adapter merged into the base as a plain HF model"))
     save_adapter: bool = field(default=True, metadata=_doc("save the LoRA adapter in PEFT format"))
+    gguf: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] | None = field(default=None, metadata=_doc("also export the final model to GGUF at this precision, for llama.cpp, Ollama and LM Studio: gguf/model.<quant>.gguf and an Ollama Modelfile in the run folder, checked against the model (`tunesmith export`); null = no export"))
 
 
 @dataclass(kw_only=True)
@@ -362,6 +363,13 @@ def _check(cfg: Config, problems: list[str]) -> None:
     if cfg.eval.batch_size < 1:
         problems.append(f"eval.batch_size: must be at least 1, got {cfg.eval.batch_size}")
     _check_trackers(cfg.log, problems)
+    if cfg.output.gguf is not None:
+        if cfg.method == "reward":
+            problems.append("output.gguf: a reward model scores answers and does not write them, so it has no GGUF "
+                            "export; set output.gguf=null")
+        elif cfg.lora is not None and not (cfg.output.merge or cfg.output.save_adapter):
+            problems.append("output.gguf: with output.merge and output.save_adapter both false the run keeps no model "
+                            "to export; turn one of them on")
     if not cfg.data.train:
         problems.append("data.train: required; give the training data file (e.g. data.train=train.jsonl)")
     if not cfg.model:

@@ -224,6 +224,8 @@ def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCall
                 report, headline = in_run.evaluate_tuned_and_report(lm, tokenizer, run_eval, run_dir, base_result)
                 outputs["report"] = str(report)
                 print(headline, flush=True)
+            if cfg.output.gguf is not None:
+                outputs.update(_export_gguf(cfg, run_dir))
         distributed.barrier(info)
     except BaseException:
         trackers.close()  # their runs end as failed; a resumed run continues them
@@ -270,6 +272,21 @@ def tracker_summary(result: RunResult) -> dict[str, float]:
         results = Path(result.outputs["report"]).parent / RESULTS_FILE
         numbers.update(headline_numbers(json.loads(results.read_text(encoding="utf-8"))))
     return numbers
+
+
+def _export_gguf(cfg: Config, run_dir: Path) -> dict[str, str]:
+    """The run's model as GGUF (output.gguf), checked against it on the run's held-out rows."""
+    from tunesmith.model.gguf_export import export
+
+    quant = cfg.output.gguf
+    assert quant is not None
+    print(f"exporting to GGUF ({quant}) ...", flush=True)
+    report = export(str(run_dir), gguf=run_dir / "gguf" / f"model.{quant}.gguf", quant=quant, load=cfg.load)
+    print(report.summary(), flush=True)
+    written = {"gguf": str(report.gguf)}
+    if report.modelfile is not None:
+        written["modelfile"] = str(report.modelfile)
+    return written
 
 
 def format_summary(result: RunResult) -> str:

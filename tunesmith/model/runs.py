@@ -20,6 +20,29 @@ from tunesmith.model.loading import ResolvedModel, load_model, load_tokenizer, r
 from tunesmith.model.lock import refuse_while_training
 from tunesmith.model.lora import merged_state_dict
 
+RUN_CONFIG = "config.yaml"
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether `path` is a tunesmith run folder (it holds the run's config.yaml)."""
+    path = Path(path).expanduser()
+    return path.is_dir() and (path / RUN_CONFIG).is_file()
+
+
+def run_config(run: str | Path) -> dict[str, Any]:
+    """The run's saved config as plain data (config.yaml)."""
+    import yaml
+
+    return yaml.safe_load((Path(run) / RUN_CONFIG).read_text(encoding="utf-8")) or {}
+
+
+def run_base_spec(run: Path, spec: str) -> str:
+    """The model the run started from, as its config.yaml names it."""
+    base = run_config(run).get("model")
+    if not base:
+        raise TunesmithError(f"run folder {spec!r}: config.yaml names no base model for adapter/; the file is damaged")
+    return str(base)
+
 
 @dataclass
 class RunModel:
@@ -40,7 +63,7 @@ class RunModel:
 def locate(spec: str) -> RunModel:
     """Where the weights of `spec` are; a run folder without a trained model yet is a clear error."""
     path = Path(spec).expanduser()
-    if not (path.is_dir() and (path / "config.yaml").is_file()):
+    if not is_run_dir(path):
         return RunModel(spec=spec, run_dir=None, base=spec)
     refuse_while_training(path, spec)  # its outputs are not all written yet
     if (path / "reward_model").is_dir():
@@ -51,12 +74,7 @@ def locate(spec: str) -> RunModel:
     merged = path / "merged" if (path / "merged" / "config.json").is_file() else None
     adapter = path / "adapter"
     if (adapter / "adapter_config.json").is_file():
-        import yaml
-
-        base = (yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}).get("model")
-        if not base:
-            raise TunesmithError(f"run folder {spec!r}: config.yaml names no base model for adapter/; the file is damaged")
-        return RunModel(spec=spec, run_dir=path, base=str(base), adapter=adapter, merged=merged)
+        return RunModel(spec=spec, run_dir=path, base=run_base_spec(path, spec), adapter=adapter, merged=merged)
     if merged is not None:
         return RunModel(spec=spec, run_dir=path, base=str(merged), merged=merged)
     if (path / "model" / "config.json").is_file():
@@ -116,3 +134,9 @@ def load_run_model(spec: str, load: LoadConfig, device: torch.device | None = No
     else:
         model = load_model(resolve_model(str(run.merged or run.base), load), load, device)
     return model.eval(), load_tokenizer(tokenizer_source(run, load), load), run
+
+
+def load_run(run: Path, spec: str, load: LoadConfig, device: torch.device | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of a run folder: merged/, else the base with adapter/ folded in, else model/."""
+    model, tokenizer, _ = load_run_model(str(run), load, device)
+    return model, tokenizer
