@@ -36,6 +36,7 @@ bench: setup
 	$(PY) bench/sft.py
 	$(PY) bench/dpo.py
 	$(PY) bench/grpo.py
+	$(PY) bench/serve.py
 
 lint: setup
 	$(VENV)/bin/ruff check tunesmith tests bench
