@@ -212,7 +212,7 @@ def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
     completions = PROMPTS_PER_STEP * args.group_size
     cfg = {
         "method": "grpo",
-        "model": "default",  # the parent passes TRL the folder this resolves to
+        "model": args.model_path,  # the folder the parent resolved (by default, the default model's), as TRL's
         "output_dir": str(run_dir),
         "data": {"train": str(workdir / "train.jsonl")},
         "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": LORA_TARGETS},
