@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
+import re
 import resource
 import shutil
 import subprocess
@@ -20,6 +22,36 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDES = ("tunesmith", "trl")
+
+# Requests to quote a pydoc passage: the prompts of the SFT rows and of the DPO pairs.
+PROMPTS = (
+    "Quote the Python language reference on {topic!r}, from the passage that begins “{opening}”.",
+    "What does the Python documentation say about {topic!r}? Start at “{opening}”.",
+    "Recite the section of the Python docs about {topic!r} that opens with “{opening}”, word for word.",
+    "I need the exact text of the Python reference entry {topic!r} beginning with “{opening}”.",
+)
+_WORD_START = re.compile(r"(?<=\s)\S")
+
+
+def slice_at_word(text: str, length: int, rng: random.Random) -> str:
+    """A seeded slice of `text` of about `length` characters (all of it when shorter) that starts at a word."""
+    length = min(length, len(text))
+    start = rng.randint(0, len(text) - length)
+    match = _WORD_START.search(text, start)
+    start = match.start() if match and match.start() <= len(text) - length else start
+    return text[start : start + length].rstrip()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """Write `records` as JSONL (UTF-8, one record a line): the data file both sides train on."""
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def peak_rss_mib() -> float:

@@ -47,20 +47,23 @@ from typing import Any
 
 # bench/ is on sys.path when this file runs as a script.
 from common import (
+    PROMPTS,
     SIDES,
     chosen_sides,
     default_model_path,
     loss_summary,
     machine_facts,
     ratios,
+    read_jsonl,
     rss_mib,
     run_child,
     set_threads,
+    slice_at_word,
     tokenizer_of,
     train_dtype,
+    write_jsonl,
     write_result,
 )
-from sft import PROMPTS, read_jsonl
 
 # The settings both sides share; each side's code below maps them to its own config keys.
 LORA_R, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS = 16, 32, 0.0, "all-linear"
@@ -69,15 +72,6 @@ DPO_LOSS, BETA = "sigmoid", 0.1
 
 
 # ---------------------------------------------------------------- data
-
-
-def _slice(text: str, length: int, rng: random.Random) -> str:
-    """A seeded slice of `text` of about `length` characters that starts at a word."""
-    length = min(length, len(text))
-    start = rng.randint(0, len(text) - length)
-    match = re.compile(r"(?<=\s)\S").search(text, start)
-    start = match.start() if match and match.start() <= len(text) - length else start
-    return text[start : start + length].rstrip()
 
 
 def _shuffled_sentences(text: str, rng: random.Random) -> str | None:
@@ -103,13 +97,13 @@ def make_pairs(num_pairs: int, seed: int, min_chars: int = 80, max_chars: int = 
     while len(pairs) < num_pairs:
         length = rng.randint(min_chars, max_chars)
         name = rng.choice([n for n in names if len(topics[n]) >= length])
-        chosen = _slice(topics[name], length, rng)
+        chosen = slice_at_word(topics[name], length, rng)
         rejected = _shuffled_sentences(chosen, rng) if rng.random() < 0.5 else None
         if rejected is None:
             # A passage of similar length (within 15%) from a different topic.
             target = rng.randint(int(0.85 * len(chosen)), int(1.15 * len(chosen)) + 1)
             other = rng.choice([n for n in names if n != name and len(topics[n]) >= target])
-            rejected = _slice(topics[other], target, rng)
+            rejected = slice_at_word(topics[other], target, rng)
         if not chosen.strip() or not rejected.strip() or rejected == chosen:
             continue
         opening = " ".join(chosen.split()[:6])
@@ -464,9 +458,7 @@ def main(argv: list[str] | None = None) -> None:
     args.model_path = args.model_path or default_model_path()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tunesmith-bench-dpo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir / "train.jsonl", "w", encoding="utf-8") as f:
-        for pair in make_pairs(args.pairs, args.data_seed):
-            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+    write_jsonl(workdir / "train.jsonl", make_pairs(args.pairs, args.data_seed))
 
     settings = {
         "settings": {

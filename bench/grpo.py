@@ -74,13 +74,14 @@ from common import (
     default_model_path,
     machine_facts,
     ratios,
+    read_jsonl,
     rss_mib,
     run_child,
     set_threads,
     train_dtype,
+    write_jsonl,
     write_result,
 )
-from sft import read_jsonl
 
 # The settings both sides share; each side's code below maps them to its own config keys.
 LORA_R, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS = 16, 32, 0.0, "all-linear"
@@ -478,9 +479,7 @@ def main(argv: list[str] | None = None) -> None:
     args.model_path = args.model_path or default_model_path()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tunesmith-bench-grpo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir / "train.jsonl", "w", encoding="utf-8") as f:
-        for row in make_prompts(args.prompts, args.data_seed):
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_jsonl(workdir / "train.jsonl", make_prompts(args.prompts, args.data_seed))
 
     completions = PROMPTS_PER_STEP * args.group_size
     settings = {

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402  (bench/ is not a package; its scripts run as files)
+    PROMPTS,
     SIDES,
     chosen_sides,
     default_model_path,
@@ -47,18 +47,14 @@ from common import (  # noqa: E402  (bench/ is not a package; its scripts run as
     matmul_gflops,
     peak_rss_mib,
     ratios,
+    read_jsonl,
     rss_mib,
     run_child,
     set_threads,
+    slice_at_word,
     tokenizer_of,
+    write_jsonl,
     write_result,
-)
-
-PROMPTS = (
-    "Quote the Python language reference on {topic!r}, from the passage that begins “{opening}”.",
-    "What does the Python documentation say about {topic!r}? Start at “{opening}”.",
-    "Recite the section of the Python docs about {topic!r} that opens with “{opening}”, word for word.",
-    "I need the exact text of the Python reference entry {topic!r} beginning with “{opening}”.",
 )
 
 # The settings both sides share; each side's code below maps them to its own config keys.
@@ -79,14 +75,6 @@ GPU_GOAL = (2.0, 0.4)
 # ---------------------------------------------------------------- data
 
 
-def _slice(text: str, length: int, rng: random.Random) -> str:
-    """A seeded slice of `text` of about `length` characters that starts at a word."""
-    start = rng.randint(0, len(text) - length)
-    match = re.compile(r"(?<=\s)\S").search(text, start)
-    start = match.start() if match and match.start() <= len(text) - length else start
-    return text[start : start + length].rstrip()
-
-
 def _topic_slices(count: int, rng: random.Random, min_chars: int, max_chars: int) -> Iterator[tuple[str, str]]:
     """(topic name, slice of its text) pairs: a seeded length, a topic long enough for it, a slice starting at a word."""
     from pydoc_data.topics import topics
@@ -95,7 +83,7 @@ def _topic_slices(count: int, rng: random.Random, min_chars: int, max_chars: int
     for _ in range(count):
         length = rng.randint(min_chars, max_chars)
         name = rng.choice([n for n in names if len(topics[n]) >= length])
-        yield name, _slice(topics[name], length, rng)
+        yield name, slice_at_word(topics[name], length, rng)
 
 
 def make_rows(num_rows: int, seed: int, min_chars: int = 80, max_chars: int = 1200) -> list[dict[str, str]]:
@@ -112,11 +100,6 @@ def make_texts(num_docs: int, seed: int, min_chars: int = 300, max_chars: int = 
     """Plain-text documents for continued pretraining: seeded slices of pydoc topic texts, some longer than a block."""
     rng = random.Random(seed)
     return [{"text": text} for _, text in _topic_slices(num_docs, rng, min_chars, max_chars)]
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSONL file."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def side_result(side: str, *, tokens: int, train_s: float, cpu_s: float, steps: int, losses: list[float],
@@ -463,9 +446,7 @@ def main(argv: list[str] | None = None) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         records = make_texts(args.rows, args.data_seed) if JOBS[job]["method"] == "pretrain" else make_rows(
             args.rows, args.data_seed)
-        with open(workdir / "train.jsonl", "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        write_jsonl(workdir / "train.jsonl", records)
         child_args = ["--job", job, "--model-path", args.model_path, "--max-length", str(args.max_length)]
         if args.forward_tokens:
             child_args += ["--forward-tokens", str(args.forward_tokens)]
