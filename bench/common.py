@@ -1,5 +1,6 @@
-"""What every benchmark here shares: memory and CPU measurements, the result line of one side, running a side in
-its own child process, tunesmith/TRL ratios, and the machine's measured fp32 matmul rate (for MFU).
+"""What every benchmark here shares: the data helpers, the clock both sides' training runs under (tunesmith through
+its loop callbacks, TRL through a TrainerCallback), memory and CPU measurements, running a side in its own child
+process, tunesmith/TRL ratios, and the machine's measured fp32 matmul rate (for MFU).
 
 Each benchmark script is both the parent (builds the data, runs the sides one after the other, prints JSON lines)
 and the child (`--side NAME`: trains, then writes its result to WORKDIR/NAME.json for the parent to read).
@@ -17,10 +18,17 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+# This checkout's tunesmith, whatever is installed: in the parent as in the children (see run_child).
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tunesmith.core.loop import LoopCallback, LoopResult, StepOutcome  # noqa: E402
+
 SIDES = ("tunesmith", "trl")
 
 # Requests to quote a pydoc passage: the prompts of the SFT rows and of the DPO pairs.
@@ -74,15 +82,122 @@ def loss_summary(losses: list[float]) -> dict[str, float | None]:
     return {"first_loss": losses[0], "final_loss": losses[-1], "last10pct_loss": sum(tail) / len(tail)}
 
 
-def machine_facts() -> dict[str, Any]:
-    """Peak memory (RSS, and CUDA when there is a GPU), torch threads and load: read when a side ends."""
+class StepClock:
+    """One side's training under the clock: a wall-clock stamp and the running totals (tokens, and what the loss
+    is averaged over: DPO pairs) at the end of every optimizer step; CPU time, RSS at the start and peak RSS."""
+
+    def __init__(self) -> None:
+        self.begin = self.end = self.cpu_begin = self.cpu_s = self.rss_at_start = self.peak_rss = 0.0
+        self.stamps: list[float] = []
+        self.tokens: list[int] = []
+        self.items: list[float] = []
+
+    def start(self) -> None:
+        """Training begins (model loading and data preparation are done)."""
+        self.rss_at_start = rss_mib()
+        self.begin = time.perf_counter()
+        self.cpu_begin = time.process_time()
+
+    def step(self, tokens: int, items: float = 0.0) -> None:
+        """An optimizer step ended; `tokens` and `items` are the totals so far."""
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+        self.tokens.append(tokens)
+        self.items.append(items)
+
+    def stop(self) -> None:
+        """Training ended: CPU seconds of the whole process since start(), and its peak RSS so far."""
+        self.end = time.perf_counter()
+        self.cpu_s = time.process_time() - self.cpu_begin
+        self.peak_rss = peak_rss_mib()
+
+    @property
+    def train_s(self) -> float:
+        """Wall seconds from start() to stop()."""
+        return self.end - self.begin
+
+    def step_tokens_per_s(self) -> list[float]:
+        """Tokens per second of each step, from the previous step's end (or the start) to its own."""
+        starts, before = [self.begin, *self.stamps[:-1]], [0, *self.tokens[:-1]]
+        return [(n - m) / max(b - a, 1e-9) for a, b, m, n in zip(starts, self.stamps, before, self.tokens)]
+
+
+class LoopTimer(LoopCallback):
+    """tunesmith's side of the clock, through its loop's callbacks: per step its tokens, what its loss was averaged
+    over (`count`: pairs for DPO), its loss and its statistics; `after(model)`, if given, runs once training has
+    ended and the clock stopped (untimed: the final train loss), its value kept in `after_result`."""
+
+    def __init__(self, after: Callable[[Any], Any] | None = None) -> None:
+        self.clock = StepClock()
+        self.after = after
+        self.after_result: Any = None
+        self.losses: list[float | None] = []
+        self.stats: list[dict[str, float]] = []
+
+    def on_train_begin(self, model: Any, step: int) -> None:
+        """Start the clock."""
+        self.clock.start()
+
+    def on_step_end(self, step: int, outcome: StepOutcome) -> None:
+        """Stamp the step with the running totals; keep its loss and statistics."""
+        tokens = (self.clock.tokens[-1] if self.clock.tokens else 0) + outcome.tokens
+        items = (self.clock.items[-1] if self.clock.items else 0.0) + outcome.count
+        self.clock.step(tokens, items)
+        self.losses.append(outcome.loss)
+        self.stats.append(outcome.stats)
+
+    def on_train_end(self, model: Any, result: LoopResult) -> None:
+        """Stop the clock, then run `after` on the trained model and put it back in training mode."""
+        self.clock.stop()
+        if self.after is not None:
+            self.after_result = self.after(model)
+            model.train()
+
+
+def trl_timer() -> Any:
+    """TRL's side of the clock: a transformers TrainerCallback; set its `trainer` once the trainer is built. Per
+    step it reads the trainer's `_total_train_tokens` (TRL's `num_tokens` metric) and `items_seen` (where a
+    bench's trainer subclass counts them: DPO pairs), each 0 where the trainer keeps none."""
+    from transformers import TrainerCallback
+
+    class TrlTimer(TrainerCallback):
+        """StepClock from on_train_begin to on_train_end (setup and saving excluded)."""
+
+        def __init__(self) -> None:
+            self.clock = StepClock()
+            self.trainer: Any = None
+
+        def on_train_begin(self, *_: Any, **__: Any) -> None:
+            """Start the clock."""
+            self.clock.start()
+
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            """Stamp the step with the trainer's running totals."""
+            trainer = self.trainer
+            self.clock.step(int(getattr(trainer, "_total_train_tokens", 0)), float(getattr(trainer, "items_seen", 0)))
+
+        def on_train_end(self, *_: Any, **__: Any) -> None:
+            """Stop the clock."""
+            self.clock.stop()
+
+    return TrlTimer()
+
+
+def machine_facts(clock: StepClock | None = None) -> dict[str, Any]:
+    """Peak memory (RSS, and CUDA when there is a GPU), torch threads and load: read when a side ends. With a
+    clock, the RSS at the start of training and the peak RSS when training ended."""
     import torch
 
     facts: dict[str, Any] = {
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": clock.peak_rss if clock is not None else peak_rss_mib(),
         "torch_threads": torch.get_num_threads(),
         "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],  # other work on the machine skews wall times
     }
+    if clock is not None:
+        facts["rss_at_train_start_mib"] = clock.rss_at_start
     if torch.cuda.is_available():
         facts["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
         facts["device_name"] = torch.cuda.get_device_name()

@@ -27,11 +27,12 @@ tunesmith runs without packing by default (so each step is exactly 8 pairs, as o
 --packing turns its default packing back on (a step is then 8 rows of several pairs each).
 
 Timing: training only, model loading and data preparation excluded. Both sides take a wall-clock stamp at
-the end of every optimizer step (tunesmith: the `time` field of its metrics.jsonl; TRL: a TrainerCallback's
+the end of every optimizer step (tunesmith: its loop's on_step_end callback; TRL: a TrainerCallback's
 on_step_end); throughput runs from the end of step 1 to the end of the last step, so the first step is
 left out as warm-up. Tokens are counted the same way on both sides: the non-padding tokens of both
-sequences (prompt + chosen, prompt + rejected) of every pair trained on (tunesmith's `tokens_seen`, TRL's
-sum of the attention mask, its `num_tokens` metric).
+sequences (prompt + chosen, prompt + rejected) of every pair trained on (tunesmith's step tokens, TRL's
+sum of the attention mask, its `num_tokens` metric). Pairs: what each tunesmith step's loss was averaged
+over (its `count`), and on TRL's side half the rows of every micro-batch.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ import json
 import random
 import re
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -49,18 +49,19 @@ from typing import Any
 from common import (
     PROMPTS,
     SIDES,
+    LoopTimer,
+    StepClock,
     chosen_sides,
     default_model_path,
     loss_summary,
     machine_facts,
     ratios,
-    read_jsonl,
-    rss_mib,
     run_child,
     set_threads,
     slice_at_word,
     tokenizer_of,
     train_dtype,
+    trl_timer,
     write_jsonl,
     write_result,
 )
@@ -115,11 +116,9 @@ def make_pairs(num_pairs: int, seed: int, min_chars: int = 80, max_chars: int = 
 # ---------------------------------------------------------------- shared measurements
 
 
-def timed_steps(stamps: list[float], tokens: list[int], pairs: list[int]) -> dict[str, float | int | None]:
-    """Throughput from the end of step 1 to the end of the last step (step 1 is warm-up, left out).
-
-    `stamps`, `tokens` and `pairs` hold, per step, its wall-clock end, and the cumulative tokens and pairs.
-    """
+def timed_steps(clock: StepClock) -> dict[str, float | int | None]:
+    """Throughput from the end of step 1 to the end of the last step (step 1 is warm-up, left out)."""
+    stamps, tokens, pairs = clock.stamps, clock.tokens, clock.items
     if len(stamps) < 2:
         return {"timed_steps": 0, "timed_s": None, "steps_per_s": None, "s_per_step": None,
                 "pairs_per_s": None, "tokens_per_s": None}
@@ -136,43 +135,30 @@ def timed_steps(stamps: list[float], tokens: list[int], pairs: list[int]) -> dic
     }
 
 
-def side_result(
-    side: str,
-    *,
-    train_start: float,
-    stamps: list[float],
-    tokens: list[int],
-    pairs: list[int],
-    losses: list[float],
-    cpu_s: float,
-    **extra: Any,
-) -> dict:
+def side_result(side: str, clock: StepClock, losses: list[float], **extra: Any) -> dict:
     """One side's result line: throughput without the first step, time per step, peak memory, losses."""
-
-    result: dict[str, Any] = {
+    return {
         "side": side,
-        **timed_steps(stamps, tokens, pairs),
-        "steps": len(stamps),
-        "pairs": pairs[-1] if pairs else 0,
-        "tokens": tokens[-1] if tokens else 0,
-        "first_step_s": stamps[0] - train_start if stamps else None,  # warm-up, not in the throughput
+        **timed_steps(clock),
+        "steps": len(clock.stamps),
+        "pairs": int(clock.items[-1]) if clock.items else 0,
+        "tokens": clock.tokens[-1] if clock.tokens else 0,
+        "first_step_s": clock.stamps[0] - clock.begin if clock.stamps else None,  # warm-up, not in the throughput
         **loss_summary(losses),
         # CPU seconds of the whole process over the whole loop (first step included): less sensitive than
         # wall time to other load on the machine.
-        "cpu_s": cpu_s,
-        **machine_facts(),  # peak RSS (and CUDA memory), threads, load
+        "cpu_s": clock.cpu_s,
+        **machine_facts(clock),  # peak RSS when training ended (and CUDA memory), RSS at its start, threads, load
         **extra,
     }
-    return result
 
 
 # ---------------------------------------------------------------- the two sides
 
 
 def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
-    """DPO with tunesmith (`method: dpo`), timed from the stamps of its metrics.jsonl."""
+    """DPO with tunesmith (`method: dpo`), timed by its loop callbacks."""
     import tunesmith
-    import tunesmith.core.run as run_module
 
     run_dir = workdir / "tunesmith-run"
     cfg = {
@@ -204,47 +190,14 @@ def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
         "output": {"merge": False, "save_adapter": False},
     }
 
-    import tunesmith.core.loop as loop_module
-
-    loop = run_module.train_loop
-    seen = {"start": 0.0, "cpu_s": 0.0, "rss_at_start": 0.0}
-    pairs_per_step: list[int] = []
-    update = loop_module.Updater.__call__
-
-    def counting_update(self: Any, micro: list) -> Any:
-        """One optimizer update; records the pairs in all its forward passes (train.forward_tokens may split a step)."""
-        pairs_per_step.append(sum(int(mb["margins"].numel()) for mb in micro))
-        return update(self, micro)
-
-    def timed_loop(**kwargs: Any) -> Any:
-        """tunesmith's own loop, with its CPU time and the pairs of every update recorded."""
-        seen["rss_at_start"] = rss_mib()
-        seen["start"] = time.time()
-        cpu = time.process_time()
-        try:
-            return loop(**kwargs)
-        finally:
-            seen["cpu_s"] = time.process_time() - cpu
-
-    loop_module.Updater.__call__ = counting_update
-    run_module.train_loop = timed_loop
-    result = tunesmith.train(cfg)
-    records = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "tokens_seen" in r]
-    pairs, total = [], 0
-    for step_pairs in pairs_per_step[: len(records)]:
-        total += step_pairs
-        pairs.append(total)
+    timer = LoopTimer()  # a DPO step's `count` is its pairs, over all its forward passes (train.forward_tokens)
+    result = tunesmith.train(cfg, callbacks=[timer])
     stats = result.train_stats
     return side_result(
         "tunesmith",
-        train_start=seen["start"],
-        stamps=[r["time"] for r in records],
-        tokens=[r["tokens_seen"] for r in records],
-        pairs=pairs,
-        losses=[r["loss"] for r in records],
-        cpu_s=seen["cpu_s"],
-        rss_at_train_start_mib=seen["rss_at_start"],
-        final_accuracy=records[-1].get("rewards/accuracy") if records else None,
+        timer.clock,
+        losses=[loss for loss in timer.losses if loss is not None],
+        final_accuracy=timer.stats[-1].get("rewards/accuracy") if timer.stats else None,
         packing=args.packing,
         data_pairs=stats.num_documents,
         data_rows=stats.num_rows,
@@ -260,40 +213,17 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
     import peft
     import torch
     import trl
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
 
     class CountingDPOTrainer(trl.DPOTrainer):
         """DPOTrainer that counts the pairs it trains on (a batch holds its chosen rows, then its rejected)."""
 
-        pairs_seen = 0
+        items_seen = 0  # pairs, read by the timer at the end of every step
 
         def training_step(self, model: Any, inputs: dict[str, Any], *rest: Any, **kwargs: Any) -> Any:
             """Count the pairs of this micro-batch, then train on it as DPOTrainer does."""
-            self.pairs_seen += int(inputs["input_ids"].shape[0]) // 2
+            self.items_seen += int(inputs["input_ids"].shape[0]) // 2
             return super().training_step(model, inputs, *rest, **kwargs)
-
-    class Timer(TrainerCallback):
-        """Wall-clock stamp, cumulative tokens and pairs at the end of every step; CPU time over training."""
-
-        def __init__(self) -> None:
-            self.trainer: Any = None
-            self.begin = self.cpu_s = self.cpu_begin = self.rss_at_start = 0.0
-            self.stamps: list[float] = []
-            self.tokens: list[int] = []
-            self.pairs: list[int] = []
-
-        def on_train_begin(self, *_: Any, **__: Any) -> None:
-            self.rss_at_start = rss_mib()
-            self.begin = time.time()
-            self.cpu_begin = time.process_time()
-
-        def on_step_end(self, *_: Any, **__: Any) -> None:
-            self.stamps.append(time.time())
-            self.tokens.append(int(self.trainer._total_train_tokens))
-            self.pairs.append(int(self.trainer.pairs_seen))
-
-        def on_train_end(self, *_: Any, **__: Any) -> None:
-            self.cpu_s = time.process_time() - self.cpu_begin
 
     # The same file as tunesmith reads, turned into TRL's conversational form so TRL applies the chat template.
     raw = datasets.load_dataset(
@@ -339,7 +269,7 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
         target_modules=LORA_TARGETS,
         bias="none",
     )
-    timer = Timer()
+    timer = trl_timer()
     trainer = CountingDPOTrainer(
         model=args.model_path,
         ref_model=None,  # with peft_config: the reference is the policy with its adapter disabled
@@ -355,13 +285,8 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
     logs = [e for e in trainer.state.log_history if "loss" in e]
     result = side_result(
         "trl",
-        train_start=timer.begin,
-        stamps=timer.stamps,
-        tokens=timer.tokens,
-        pairs=timer.pairs,
+        timer.clock,
         losses=[e["loss"] for e in logs],
-        cpu_s=timer.cpu_s,
-        rss_at_train_start_mib=timer.rss_at_start,
         final_accuracy=logs[-1].get("rewards/accuracies") if logs else None,
         packing=False,
         data_pairs=len(prepared),

@@ -45,14 +45,14 @@ the sides (different samplers, different prompt order), so mean completion lengt
 sides: compare it before reading the time ratios.
 
 Timing: model loading and data preparation excluded. Both sides take a wall-clock stamp at the end of
-every optimizer step (tunesmith: the `time` field of its metrics.jsonl; TRL: a TrainerCallback's
-on_step_end); seconds per step run from the end of step 1 to the end of the last step, so the first step
-is left out as warm-up. Each timed step is split into rollout (generation) and training (the rest):
-tunesmith's `time/rollout_s`, and on TRL the time spent in `GRPOTrainer._generate_single_turn` (prompt
-padding, `model.generate`, cutting at EOS). Both sides also give the middle part: rewards and the no-grad
-log-prob passes (tunesmith `time/reward_s` + `time/measure_s`; TRL the rest of
-`_generate_and_score_completions`), and the update (tunesmith `time/update_s`; TRL the step minus
-`_generate_and_score_completions`, so its logging between steps lands there).
+every optimizer step (tunesmith: its loop's on_step_end callback; TRL: a TrainerCallback's on_step_end);
+seconds per step run from the end of step 1 to the end of the last step, so the first step is left out as
+warm-up. Each timed step is split into rollout (generation) and training (the rest): tunesmith's
+`time/rollout_s` (a statistic of the step the callback receives), and on TRL the time spent in
+`GRPOTrainer._generate_single_turn` (prompt padding, `model.generate`, cutting at EOS). Both sides also
+give the middle part: rewards and the no-grad log-prob passes (tunesmith `time/reward_s` + `time/measure_s`;
+TRL the rest of `_generate_and_score_completions`), and the update (tunesmith `time/update_s`; TRL the step
+minus `_generate_and_score_completions`, so its logging between steps lands there).
 """
 
 from __future__ import annotations
@@ -70,15 +70,17 @@ from typing import Any
 # bench/ is on sys.path when this file runs as a script.
 from common import (
     SIDES,
+    LoopTimer,
+    StepClock,
     chosen_sides,
     default_model_path,
     machine_facts,
     ratios,
     read_jsonl,
-    rss_mib,
     run_child,
     set_threads,
     train_dtype,
+    trl_timer,
     write_jsonl,
     write_result,
 )
@@ -141,24 +143,22 @@ def _mean(values: list[float]) -> float | None:
 
 def side_result(
     side: str,
+    clock: StepClock,
     *,
-    train_start: float,
-    stamps: list[float],
     rollout_s: list[float],
     score_measure_s: list[float],
     lengths: list[float],
     rewards: list[float],
     kls: list[float],
     completions_per_step: int,
-    cpu_s: float,
     **extra: Any,
 ) -> dict:
     """One side's result line: time per step (without step 1) split into rollout and training, memory, rewards.
 
-    Every list holds one value per step: its wall-clock end, its rollout seconds, its reward + no-grad
-    log-prob seconds, its mean completion length, mean reward and mean KL.
+    Every list holds one value per step: its rollout seconds, its reward + no-grad log-prob seconds, its mean
+    completion length, mean reward and mean KL; the clock holds each step's wall-clock end.
     """
-
+    stamps = clock.stamps
     step_s = [b - a for a, b in zip(stamps, stamps[1:])]  # steps 2..n
     timed = len(step_s)
     rollout, middle = rollout_s[1:], score_measure_s[1:]
@@ -166,7 +166,7 @@ def side_result(
     s_per_step = timed_s / timed if timed_s is not None else None
     rollout_per_step = _mean(rollout)
     generated = [n * completions_per_step for n in lengths[1:]]
-    result: dict[str, Any] = {
+    return {
         "side": side,
         "steps": len(stamps),
         "timed_steps": timed,
@@ -177,7 +177,7 @@ def side_result(
         "score_measure_s_per_step": _mean(middle),
         "update_s_per_step": _mean([s - r - m for s, r, m in zip(step_s, rollout, middle)]),
         "rollout_share": rollout_per_step / s_per_step if timed and rollout_per_step is not None and s_per_step else None,
-        "first_step_s": stamps[0] - train_start if stamps else None,  # warm-up, not in the figures above
+        "first_step_s": stamps[0] - clock.begin if stamps else None,  # warm-up, not in the figures above
         "completions_per_step": completions_per_step,
         "mean_completion_length": _mean(lengths),
         "timed_mean_completion_length": _mean(lengths[1:]),
@@ -188,26 +188,24 @@ def side_result(
         "final_kl": kls[-1] if kls else None,
         # CPU seconds of the whole process over the whole loop (first step included): less sensitive than
         # wall time to other load on the machine.
-        "cpu_s": cpu_s,
+        "cpu_s": clock.cpu_s,
         "per_step": {
-            "step_s": [round(stamps[0] - train_start, 3)] + [round(s, 3) for s in step_s] if stamps else [],
+            "step_s": [round(stamps[0] - clock.begin, 3)] + [round(s, 3) for s in step_s] if stamps else [],
             "rollout_s": [round(s, 3) for s in rollout_s],
             "completion_length": [round(n, 2) for n in lengths],
             "reward": [round(r, 4) for r in rewards],
         },
-        **machine_facts(),  # peak RSS (and CUDA memory), threads, load
+        **machine_facts(clock),  # peak RSS when training ended (and CUDA memory), RSS at its start, threads, load
         **extra,
     }
-    return result
 
 
 # ---------------------------------------------------------------- the two sides
 
 
 def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
-    """GRPO with tunesmith (`method: grpo`), timed from the stamps and time/* fields of its metrics.jsonl."""
+    """GRPO with tunesmith (`method: grpo`), timed by its loop callbacks (stamps, and the steps' time/* statistics)."""
     import tunesmith
-    import tunesmith.core.run as run_module
 
     run_dir = workdir / "tunesmith-run"
     completions = PROMPTS_PER_STEP * args.group_size
@@ -254,37 +252,21 @@ def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
         "output": {"merge": False, "save_adapter": False},
     }
 
-    loop = run_module.train_loop
-    seen = {"start": 0.0, "cpu_s": 0.0, "rss_at_start": 0.0}
-
-    def timed_loop(**kwargs: Any) -> Any:
-        """tunesmith's own loop, with its start, its CPU time and the RSS before it recorded."""
-        seen["rss_at_start"] = rss_mib()
-        seen["start"] = time.time()
-        cpu = time.process_time()
-        try:
-            return loop(**kwargs)
-        finally:
-            seen["cpu_s"] = time.process_time() - cpu
-
-    run_module.train_loop = timed_loop
-    result = tunesmith.train(cfg)
-    records = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "time/rollout_s" in r]
+    timer = LoopTimer()
+    result = tunesmith.train(cfg, callbacks=[timer])
+    steps = timer.stats  # one dict of statistics per step, as its metrics.jsonl line has them
     return side_result(
         "tunesmith",
-        train_start=seen["start"],
-        stamps=[r["time"] for r in records],
-        rollout_s=[r["time/rollout_s"] for r in records],
-        score_measure_s=[r["time/reward_s"] + r["time/measure_s"] for r in records],
-        lengths=[r["completion_length"] for r in records],
-        rewards=[r["reward"] for r in records],
-        kls=[r["kl"] for r in records if "kl" in r],
+        timer.clock,
+        rollout_s=[r["time/rollout_s"] for r in steps],
+        score_measure_s=[r["time/reward_s"] + r["time/measure_s"] for r in steps],
+        lengths=[r["completion_length"] for r in steps],
+        rewards=[r["reward"] for r in steps],
+        kls=[r["kl"] for r in steps if "kl" in r],
         completions_per_step=completions,
-        cpu_s=seen["cpu_s"],
-        rss_at_train_start_mib=seen["rss_at_start"],
-        tokens=records[-1].get("tokens_seen") if records else None,  # prompt + completion tokens of every step
-        frac_zero_adv_groups=_mean([r.get("frac_zero_adv_groups", 0.0) for r in records]),
-        final_loss=records[-1].get("loss") if records else None,
+        tokens=timer.clock.tokens[-1] if timer.clock.tokens else None,  # prompt + completion tokens of every step
+        frac_zero_adv_groups=_mean([r.get("frac_zero_adv_groups", 0.0) for r in steps]),
+        final_loss=timer.losses[-1] if timer.losses else None,
         trainable_params=result.parameters.get("trainable"),
     )
 
@@ -295,7 +277,7 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
     import peft
     import torch
     import trl
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
 
     class TimedGRPOTrainer(trl.GRPOTrainer):
         """GRPOTrainer that times its generation and its whole generate-and-score phase, per optimizer step."""
@@ -320,24 +302,6 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
             finally:
                 step = self.state.global_step
                 self.prepare_s[step] = self.prepare_s.get(step, 0.0) + time.perf_counter() - start
-
-    class Timer(TrainerCallback):
-        """Wall-clock stamp at the end of every step; CPU time over training."""
-
-        def __init__(self) -> None:
-            self.begin = self.cpu_s = self.cpu_begin = self.rss_at_start = 0.0
-            self.stamps: list[float] = []
-
-        def on_train_begin(self, *_: Any, **__: Any) -> None:
-            self.rss_at_start = rss_mib()
-            self.begin = time.time()
-            self.cpu_begin = time.process_time()
-
-        def on_step_end(self, *_: Any, **__: Any) -> None:
-            self.stamps.append(time.time())
-
-        def on_train_end(self, *_: Any, **__: Any) -> None:
-            self.cpu_s = time.process_time() - self.cpu_begin
 
     records = read_jsonl(workdir / "train.jsonl")
     # The same prompts as tunesmith reads, in TRL's conversational form so TRL applies the chat template.
@@ -387,7 +351,7 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
         target_modules=LORA_TARGETS,
         bias="none",
     )
-    timer = Timer()
+    timer = trl_timer()
     trainer = TimedGRPOTrainer(
         model=args.model_path,
         reward_funcs=share_of_e,
@@ -397,24 +361,22 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
         peft_config=lora,  # with beta > 0 and no ref model: the reference is the policy with its adapter disabled
         callbacks=[timer],
     )
+    timer.trainer = trainer
     trainer.generate_s, trainer.prepare_s = {}, {}
     trainer.train()
     logs = [e for e in trainer.state.log_history if "reward" in e]
-    steps = len(timer.stamps)
+    steps = len(timer.clock.stamps)
     generate = [trainer.generate_s.get(i, 0.0) for i in range(steps)]
     prepare = [trainer.prepare_s.get(i, 0.0) for i in range(steps)]
     return side_result(
         "trl",
-        train_start=timer.begin,
-        stamps=timer.stamps,
+        timer.clock,
         rollout_s=generate,
         score_measure_s=[p - g for p, g in zip(prepare, generate)],
         lengths=[e["completions/mean_length"] for e in logs],
         rewards=[e["reward"] for e in logs],
         kls=[e["kl"] for e in logs if "kl" in e],
         completions_per_step=completions,
-        cpu_s=timer.cpu_s,
-        rss_at_train_start_mib=timer.rss_at_start,
         tokens=int(trainer.state.num_input_tokens_seen),  # prompt + completion tokens of every step
         final_loss=logs[-1].get("loss") if logs else None,
         frac_zero_adv_groups=_mean([e.get("frac_reward_zero_std", 0.0) for e in logs]),  # TRL trains on them anyway

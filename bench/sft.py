@@ -31,7 +31,6 @@ import json
 import random
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,19 +39,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402  (bench/ is not a package; its scripts run as files)
     PROMPTS,
     SIDES,
+    LoopTimer,
+    StepClock,
     chosen_sides,
     default_model_path,
     loss_summary,
     machine_facts,
     matmul_gflops,
-    peak_rss_mib,
     ratios,
     read_jsonl,
-    rss_mib,
     run_child,
     set_threads,
     slice_at_word,
     tokenizer_of,
+    trl_timer,
     write_jsonl,
     write_result,
 )
@@ -102,12 +102,11 @@ def make_texts(num_docs: int, seed: int, min_chars: int = 300, max_chars: int = 
     return [{"text": text} for _, text in _topic_slices(num_docs, rng, min_chars, max_chars)]
 
 
-def side_result(side: str, *, tokens: int, train_s: float, cpu_s: float, steps: int, losses: list[float],
-                step_tokens_per_s: list[float], peak_rss: float, **extra: Any) -> dict:
+def side_result(side: str, clock: StepClock, losses: list[float], **extra: Any) -> dict:
     """One side's result line: throughput, time per step, peak memory (when training ended), losses."""
-    ordered = sorted(step_tokens_per_s)
-    facts = machine_facts()
-    facts["peak_rss_mib"] = peak_rss
+    ordered = sorted(clock.step_tokens_per_s())
+    tokens, steps = (clock.tokens[-1] if clock.tokens else 0), len(clock.stamps)
+    train_s, cpu_s = clock.train_s, clock.cpu_s
     return {
         "side": side,
         "tokens_per_s": tokens / train_s if train_s > 0 else None,
@@ -120,7 +119,7 @@ def side_result(side: str, *, tokens: int, train_s: float, cpu_s: float, steps: 
         "cpu_s": cpu_s,
         "tokens_per_cpu_s": tokens / cpu_s if cpu_s > 0 else None,
         "median_step_tokens_per_s": ordered[len(ordered) // 2] if ordered else None,
-        **facts,
+        **machine_facts(clock),  # peak RSS when training ended, RSS at its start, threads, load
         **extra,
     }
 
@@ -169,9 +168,8 @@ def tunesmith_batch_size(args: argparse.Namespace, workdir: Path) -> int:
 
 
 def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
-    """The job with tunesmith (its defaults: packed rows, passes of train.forward_tokens), timed by its own loop."""
+    """The job with tunesmith (its defaults: packed rows, passes of train.forward_tokens), timed by its loop callbacks."""
     import tunesmith
-    import tunesmith.core.run as run_module
 
     job = JOBS[args.job]
     train: dict[str, Any] = {
@@ -193,36 +191,14 @@ def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
         "load": {"dtype": "float32" if args.device == "cpu" else "bfloat16"},
         "output": {"merge": False, "save_adapter": False},
     }
-    cpu = {"s": 0.0, "rss_at_start": 0.0, "peak": 0.0, "final_train_loss": 0.0}
-    train_loop = run_module.train_loop
-
-    def timed_loop(**kwargs: Any) -> Any:
-        """tunesmith's own loop, with its process CPU time and the peak memory at its end recorded."""
-        cpu["rss_at_start"] = rss_mib()
-        start = time.process_time()
-        try:
-            out = train_loop(**kwargs)
-        finally:
-            cpu["s"] = time.process_time() - start
-            cpu["peak"] = peak_rss_mib()
-        cpu["final_train_loss"] = final_train_loss(kwargs["model"], args, workdir)  # not timed
-        kwargs["model"].train()
-        return out
-
-    run_module.train_loop = timed_loop
-    result = tunesmith.train(cfg)
-    loop, stats = result.loop, result.train_stats
+    timer = LoopTimer(after=lambda model: final_train_loss(model, args, workdir))  # the loss: after the clock
+    result = tunesmith.train(cfg, callbacks=[timer])
+    stats = result.train_stats
     return side_result(
         "tunesmith",
-        tokens=loop.tokens_seen,
-        train_s=loop.wall_s,
-        cpu_s=cpu["s"],
-        steps=loop.steps,
-        losses=[h["loss"] for h in loop.history if "loss" in h],
-        step_tokens_per_s=[h["tokens_per_s"] for h in loop.history if "tokens_per_s" in h],
-        peak_rss=cpu["peak"],
-        final_train_loss=cpu["final_train_loss"],
-        rss_at_train_start_mib=cpu["rss_at_start"],
+        timer.clock,
+        losses=[loss for loss in timer.losses if loss is not None],
+        final_train_loss=timer.after_result,
         packing=train["packing"],
         rows_per_step=train["batch_size"],
         data_rows=stats.num_rows,
@@ -239,37 +215,10 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
     """The job with TRL's SFTTrainer: SFT rows padded (TRL's default), pretraining text packed (bfd_split)."""
     import datasets
     import peft
-    import torch
     import trl
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
 
     job = JOBS[args.job]
-
-    class Timer(TrainerCallback):
-        """Wall and CPU time from train begin to train end (setup and saving excluded), and tokens/s per step."""
-
-        def __init__(self) -> None:
-            self.trainer: Any = None
-            self.begin = self.end = self.cpu_begin = self.cpu_end = self.rss_at_start = self.peak = 0.0
-            self.last, self.last_tokens = 0.0, 0
-            self.step_tokens_per_s: list[float] = []
-
-        def on_train_begin(self, *_: Any, **__: Any) -> None:
-            self.rss_at_start = rss_mib()
-            self.begin = self.last = time.perf_counter()
-            self.cpu_begin = time.process_time()
-
-        def on_step_end(self, *_: Any, **__: Any) -> None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            now, tokens = time.perf_counter(), int(self.trainer._total_train_tokens)
-            self.step_tokens_per_s.append((tokens - self.last_tokens) / max(now - self.last, 1e-9))
-            self.last, self.last_tokens = now, tokens
-
-        def on_train_end(self, *_: Any, **__: Any) -> None:
-            self.end = time.perf_counter()
-            self.cpu_end = time.process_time()
-            self.peak = peak_rss_mib()
 
     records = read_jsonl(workdir / "train.jsonl")
     if job["method"] == "pretrain":
@@ -311,26 +260,19 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
         task_type=peft.TaskType.CAUSAL_LM, r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
         target_modules=LORA_TARGETS, bias="none",
     ) if job["lora"] else None
-    timer = Timer()
+    timer = trl_timer()
     trainer = trl.SFTTrainer(model=args.model_path, args=config, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=lora, callbacks=[timer])
     timer.trainer = trainer
     trainer.train()
-    # TRL's own count (its `num_tokens` metric): the attention_mask sum (padded) or the packed length per batch.
-    tokens = int(trainer._total_train_tokens)
+    # Tokens: TRL's own count (its `num_tokens` metric), the attention_mask sum (padded) or the packed length per batch.
     prepared = trainer.train_dataset
     params = list(trainer.model.parameters())  # tied weights once
     result = side_result(
         "trl",
-        tokens=tokens,
-        train_s=timer.end - timer.begin,
-        cpu_s=timer.cpu_end - timer.cpu_begin,
-        steps=trainer.state.global_step,
+        timer.clock,
         losses=[e["loss"] for e in trainer.state.log_history if "loss" in e],
-        step_tokens_per_s=timer.step_tokens_per_s,
-        peak_rss=timer.peak,
         final_train_loss=final_train_loss(trainer.model, args, workdir),  # not timed
-        rss_at_train_start_mib=timer.rss_at_start,
         packing=config.packing,
         rows_per_step=BATCH_SIZE,
         data_rows=len(prepared),
