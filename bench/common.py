@@ -1,6 +1,7 @@
-"""What every benchmark here shares: the data helpers, the clock both sides' training runs under (tunesmith through
-its loop callbacks, TRL through a TrainerCallback), memory and CPU measurements, running a side in its own child
-process, tunesmith/TRL ratios, and the machine's measured fp32 matmul rate (for MFU).
+"""What every benchmark here shares: the data helpers, the LoRA settings, the clock both sides' training runs under
+(tunesmith through its loop callbacks, TRL through a TrainerCallback), memory and CPU measurements, the skeleton
+that runs each side in its own child process, tunesmith/TRL ratios, the tokenisation check, and the machine's
+measured fp32 matmul rate (for MFU).
 
 Each benchmark script is both the parent (builds the data, runs the sides one after the other, prints JSON lines)
 and the child (`--side NAME`: trains, then writes its result to WORKDIR/NAME.json for the parent to read).
@@ -8,6 +9,7 @@ and the child (`--side NAME`: trains, then writes its result to WORKDIR/NAME.jso
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -17,6 +19,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +33,8 @@ if str(ROOT) not in sys.path:
 from tunesmith.core.loop import LoopCallback, LoopResult, StepOutcome  # noqa: E402
 
 SIDES = ("tunesmith", "trl")
+# The LoRA every bench trains, in tunesmith's `lora` keys (peft_lora() gives TRL's side the same).
+LORA: dict[str, Any] = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 
 # Requests to quote a pydoc passage: the prompts of the SFT rows and of the DPO pairs.
 PROMPTS = (
@@ -232,6 +237,95 @@ def matmul_gflops(m: int = 2048, k: int = 2048, n: int = 2048, repeats: int = 8)
     return 2 * m * k * n / best / 1e9
 
 
+def write_result(workdir: Path, side: str, result: dict) -> None:
+    """The child's last act: its result line, for the parent."""
+    (workdir / f"{side}.json").write_text(json.dumps(result))
+
+
+def set_threads(threads: int | None) -> None:
+    """Fix torch's CPU threads in a child (None leaves torch's choice)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def ratios(ts: dict, trl: dict, keys: tuple[str, ...]) -> dict[str, float | None]:
+    """tunesmith / TRL for each of `keys` both sides report."""
+    out: dict[str, float | None] = {}
+    for key in keys:
+        a, b = ts.get(key), trl.get(key)
+        if a is not None and b is not None:
+            out[key] = a / b if b else None
+    return out
+
+
+def tokenizer_of(model_path: str) -> Any:
+    """The tokenizer tunesmith loads for the model folder both sides train."""
+    from tunesmith.config import LoadConfig
+    from tunesmith.model import load_tokenizer, resolve_model
+
+    return load_tokenizer(resolve_model(model_path, LoadConfig()), LoadConfig())
+
+
+def default_model_path() -> str:
+    """The HF folder both sides load: the default model as tunesmith imports it from its .gguf."""
+    from tunesmith.config import LoadConfig
+    from tunesmith.model import resolve_model
+
+    return resolve_model("default", LoadConfig()).path
+
+
+def peft_lora() -> Any:
+    """LORA as a PEFT config, for TRL's side."""
+    import peft
+
+    return peft.LoraConfig(task_type=peft.TaskType.CAUSAL_LM, r=LORA["r"], lora_alpha=LORA["alpha"],
+                           lora_dropout=LORA["dropout"], target_modules=LORA["target_modules"], bias="none")
+
+
+# ---------------------------------------------------------------- the skeleton: a parent, one child per side
+
+
+def add_side_options(p: argparse.ArgumentParser) -> None:
+    """The options every bench takes: threads, sides, model, work folder, and the child's hidden --side."""
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads in each side (default: torch's choice); 1 is steadier on a busy machine")
+    p.add_argument("--sides", default=",".join(SIDES), help="comma-separated sides to run, in order")
+    p.add_argument("--model-path", default=None, help="HF folder to train (default: tunesmith's default model)")
+    p.add_argument("--workdir", default=None, help="folder for data and run outputs (default: a new temp folder)")
+    p.add_argument("--side", choices=SIDES, default=None, help=argparse.SUPPRESS)
+
+
+def run_side_here(args: argparse.Namespace, runs: dict[str, Callable[[argparse.Namespace, Path], dict]]) -> bool:
+    """In a child (--side given): fix its threads, train that side, write its result; False in the parent."""
+    if not args.side:
+        return False
+    set_threads(args.threads)
+    workdir = Path(args.workdir)
+    write_result(workdir, args.side, runs[args.side](args, workdir))
+    return True
+
+
+def start_parent(args: argparse.Namespace, bench: str) -> tuple[list[str], Path]:
+    """The parent's first steps: the checked --sides, the model folder both sides load into args.model_path (by
+    default, the default model as tunesmith imports it from its .gguf), and the work folder, made."""
+    sides = chosen_sides(args.sides)
+    args.model_path = args.model_path or default_model_path()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix=f"tunesmith-bench-{bench}-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    return sides, workdir
+
+
+def chosen_sides(text: str) -> list[str]:
+    """The --sides list, checked."""
+    sides = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = sorted(set(sides) - set(SIDES))
+    if unknown:
+        raise SystemExit(f"--sides: unknown {', '.join(unknown)}; choose from {', '.join(SIDES)}")
+    return sides
+
+
 def run_child(script: Path, side: str, workdir: Path, args: list[str], threads: int | None = None) -> dict:
     """Run `script --side SIDE` in its own process (so peak RSS is that side's) and read back its result line."""
     out = workdir / f"{side}.json"
@@ -257,49 +351,38 @@ def run_child(script: Path, side: str, workdir: Path, args: list[str], threads: 
     return result
 
 
-def write_result(workdir: Path, side: str, result: dict) -> None:
-    """The child's last act: its result line, for the parent."""
-    (workdir / f"{side}.json").write_text(json.dumps(result))
+def run_sides(script: Path, sides: list[str], workdir: Path, child_args: list[str], threads: int | None,
+              finish: Callable[[dict], None] | None = None) -> dict[str, dict]:
+    """Run each side in its own child, one after the other; `finish` adds to a result before its line is printed."""
+    results = {}
+    for side in sides:
+        results[side] = run_child(script, side, workdir, child_args, threads)
+        if finish is not None:
+            finish(results[side])
+        print_line(results[side])
+    return results
 
 
-def set_threads(threads: int | None) -> None:
-    """Fix torch's CPU threads in a child (None leaves torch's choice)."""
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+def print_line(record: dict) -> None:
+    """One JSON line of the bench's output."""
+    print(json.dumps(record), flush=True)
 
 
-def ratios(ts: dict, trl: dict, keys: tuple[str, ...]) -> dict[str, float | None]:
-    """tunesmith / TRL for each of `keys` both sides report."""
-    out: dict[str, float | None] = {}
-    for key in keys:
-        a, b = ts.get(key), trl.get(key)
-        if a is not None and b is not None:
-            out[key] = a / b if b else None
-    return out
+def ratio_line(results: dict[str, dict], keys: tuple[str, ...], **first: Any) -> dict | None:
+    """The line of tunesmith / TRL ratios (after the `first` fields), or None unless both sides ran."""
+    if "tunesmith" not in results or "trl" not in results:
+        return None
+    return {**first, "ratio": "tunesmith/trl", **ratios(results["tunesmith"], results["trl"], keys)}
 
 
-def chosen_sides(text: str) -> list[str]:
-    """The --sides list, checked."""
-    sides = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = sorted(set(sides) - set(SIDES))
-    if unknown:
-        raise SystemExit(f"--sides: unknown {', '.join(unknown)}; choose from {', '.join(SIDES)}")
-    return sides
+def save_trl_tokens(workdir: Path, columns: dict[str, Any]) -> None:
+    """TRL's side: the token ids of its prepared data, for the parent's check (write them after peak RSS is read)."""
+    (workdir / "trl_tokens.json").write_text(json.dumps({k: [list(x) for x in v] for k, v in columns.items()}))
 
 
-def tokenizer_of(model_path: str) -> Any:
-    """The tokenizer tunesmith loads for the model folder both sides train."""
-    from tunesmith.config import LoadConfig
-    from tunesmith.model import load_tokenizer, resolve_model
-
-    return load_tokenizer(resolve_model(model_path, LoadConfig()), LoadConfig())
-
-
-def default_model_path() -> str:
-    """The HF folder both sides load: the default model as tunesmith imports it from its .gguf."""
-    from tunesmith.config import LoadConfig
-    from tunesmith.model import resolve_model
-
-    return resolve_model("default", LoadConfig()).path
+def check_tokens(workdir: Path, model_path: str,
+                 compare: Callable[[Any, dict[str, list[list[int]]], Path], dict[str, Any]]) -> dict:
+    """The parent's tokenisation check: `compare(tokenizer, trl_rows, workdir)` sets tunesmith's tokenisation of
+    the data against the rows TRL's side saved (save_trl_tokens)."""
+    trl_rows = json.loads((workdir / "trl_tokens.json").read_text())
+    return {"check": "tokenisation", **compare(tokenizer_of(model_path), trl_rows, workdir)}

@@ -38,36 +38,36 @@ over (its `count`), and on TRL's side half the rows of every micro-batch.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
-import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 # bench/ is on sys.path when this file runs as a script.
 from common import (
+    LORA,
     PROMPTS,
-    SIDES,
     LoopTimer,
     StepClock,
-    chosen_sides,
-    default_model_path,
+    add_side_options,
+    check_tokens,
     loss_summary,
     machine_facts,
-    ratios,
-    run_child,
-    set_threads,
+    peft_lora,
+    print_line,
+    ratio_line,
+    run_side_here,
+    run_sides,
+    save_trl_tokens,
     slice_at_word,
-    tokenizer_of,
+    start_parent,
     train_dtype,
     trl_timer,
     write_jsonl,
-    write_result,
 )
 
-# The settings both sides share; each side's code below maps them to its own config keys.
-LORA_R, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS = 16, 32, 0.0, "all-linear"
+# The settings both sides share (with common.LORA); each side's code below maps them to its own config keys.
 LR, BATCH_SIZE, GRAD_ACCUM, SEED, MAX_GRAD_NORM = 5e-5, 8, 1, 0, 1.0
 DPO_LOSS, BETA = "sigmoid", 0.1
 
@@ -166,7 +166,7 @@ def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
         "model": args.model_path,  # the folder the parent resolved (by default, the default model's), as TRL's
         "output_dir": str(run_dir),
         "data": {"train": str(workdir / "train.jsonl")},
-        "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": LORA_TARGETS},
+        "lora": dict(LORA),
         "dpo": {"loss": DPO_LOSS, "beta": BETA, "precompute_ref": False},
         "train": {
             "max_steps": args.steps,
@@ -210,7 +210,6 @@ def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
 def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
     """DPO with TRL's DPOTrainer + PEFT LoRA on the same pairs in conversational form (TRL pads, no packing)."""
     import datasets
-    import peft
     import torch
     import trl
     from transformers import AutoTokenizer
@@ -261,14 +260,6 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
         eval_strategy="no",
         report_to="none",
     )
-    lora = peft.LoraConfig(
-        task_type=peft.TaskType.CAUSAL_LM,
-        r=LORA_R,
-        lora_alpha=LORA_ALPHA,
-        lora_dropout=LORA_DROPOUT,
-        target_modules=LORA_TARGETS,
-        bias="none",
-    )
     timer = trl_timer()
     trainer = CountingDPOTrainer(
         model=args.model_path,
@@ -276,7 +267,7 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=lora,
+        peft_config=peft_lora(),
         callbacks=[timer],
     )
     timer.trainer = trainer
@@ -298,23 +289,19 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
         ),
         trainable_params=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
     )
-    # For the parent's tokenisation check; written after peak RSS was read.
-    tokens_seen = {k: [list(x) for x in prepared[k]] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
-    (workdir / "trl_tokens.json").write_text(json.dumps(tokens_seen))
+    save_trl_tokens(workdir, {k: prepared[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
     return result
 
 
 # ---------------------------------------------------------------- parent
 
 
-def check_tokens(workdir: Path, model_path: str, max_length: int) -> dict:
-    """Compare TRL's tokenised pairs with tunesmith's: whole sequences, and the answer tokens each side scores."""
+def same_pairs(tokenizer: Any, trl_rows: dict[str, list[list[int]]], workdir: Path, max_length: int) -> dict:
+    """TRL's tokenised pairs against tunesmith's: whole sequences, and the answer tokens each side scores."""
     from tunesmith.data.preference import build_pairs
     from tunesmith.ops.losses import IGNORE_INDEX
 
-    tokenizer = tokenizer_of(model_path)
     docs = build_pairs(str(workdir / "train.jsonl"), tokenizer, max_length=max_length, packing=False).rows
-    trl_rows = json.loads((workdir / "trl_tokens.json").read_text())
     same = scored_ts = scored_trl = 0
     for doc, prompt, chosen, rejected in zip(docs, trl_rows["prompt_ids"], trl_rows["chosen_ids"], trl_rows["rejected_ids"]):
         trl_seqs = [(prompt + answer)[:max_length] for answer in (chosen, rejected)]
@@ -325,7 +312,6 @@ def check_tokens(workdir: Path, model_path: str, max_length: int) -> dict:
             scored_trl += max(0, len(trl_seq) - len(prompt))
             start += n
     return {
-        "check": "tokenisation",
         "pairs": [len(docs), len(trl_rows["prompt_ids"])],
         "sequences_with_same_input_ids": same,
         "sequences": 2 * min(len(docs), len(trl_rows["prompt_ids"])),
@@ -334,15 +320,13 @@ def check_tokens(workdir: Path, model_path: str, max_length: int) -> dict:
     }
 
 
-def run_side(side: str, args: argparse.Namespace, workdir: Path) -> dict:
-    """Run one side in a child process (so its peak RSS is its own) and read back its result."""
-    child = ["--model-path", args.model_path, "--max-length", str(args.max_length), "--steps", str(args.steps)]
-    child += ["--gradient-checkpointing"] * args.gradient_checkpointing + ["--packing"] * args.packing
-    return run_child(Path(__file__).resolve(), side, workdir, child, args.threads)
+def child_args(args: argparse.Namespace) -> list[str]:
+    """The options the parent passes each side's child."""
+    out = ["--model-path", args.model_path, "--max-length", str(args.max_length), "--steps", str(args.steps)]
+    return out + ["--gradient-checkpointing"] * args.gradient_checkpointing + ["--packing"] * args.packing
 
 
 RATIO_KEYS = ("steps_per_s", "pairs_per_s", "tokens_per_s", "s_per_step", "peak_rss_mib", "peak_cuda_mib", "cpu_s")
-
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -352,16 +336,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=8, help="optimizer steps on both sides (default 8; the first is warm-up)")
     p.add_argument("--max-length", type=int, default=512, help="tokens per sequence, prompt + answer (default 512)")
     p.add_argument("--data-seed", type=int, default=0, help="seed for building the pairs")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads in each side (default: torch's choice); 1 is steadier on a busy machine")
-    p.add_argument("--sides", default=",".join(SIDES), help="comma-separated sides to run, in order")
     p.add_argument("--gradient-checkpointing", action="store_true", help="turn it on for both sides (off by default)")
     p.add_argument("--packing", action="store_true",
                    help="tunesmith packs several pairs into each of its 8 rows (off by default: 8 pairs a step, as TRL)")
-    p.add_argument("--workdir", default=None, help="folder for data and run outputs (default: a new temp folder)")
     p.add_argument("--no-check", action="store_true", help="skip comparing the two sides' tokenisation")
-    p.add_argument("--side", choices=SIDES, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--model-path", default=None, help="HF folder to train (default: tunesmith's default model)")
+    add_side_options(p)
     args = p.parse_args(argv)
     if args.steps < 1 or args.pairs < 1:
         p.error("--steps and --pairs must be at least 1")
@@ -371,40 +350,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Parent: build data, run each side in a child, print JSON lines. Child (--side): train and write its result."""
     args = parse_args(argv)
-    if args.side:
-        set_threads(args.threads)
-        result = (run_tunesmith if args.side == "tunesmith" else run_trl)(args, Path(args.workdir))
-        write_result(Path(args.workdir), args.side, result)
+    if run_side_here(args, {"tunesmith": run_tunesmith, "trl": run_trl}):
         return
 
-    sides = chosen_sides(args.sides)
-
-    # Both sides load the same HF folder: by default, the default model as tunesmith imports it from its .gguf.
-    args.model_path = args.model_path or default_model_path()
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tunesmith-bench-dpo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    sides, workdir = start_parent(args, "dpo")
     write_jsonl(workdir / "train.jsonl", make_pairs(args.pairs, args.data_seed))
-
-    settings = {
-        "settings": {
-            "pairs": args.pairs, "steps": args.steps, "max_length": args.max_length, "batch_pairs": BATCH_SIZE,
-            "grad_accum": GRAD_ACCUM, "lr": LR, "loss": DPO_LOSS, "beta": BETA,
-            "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": LORA_TARGETS},
-            "gradient_checkpointing": args.gradient_checkpointing, "tunesmith_packing": args.packing,
-            "threads": args.threads, "dtype": train_dtype(), "seed": SEED,
-            "model_path": args.model_path, "workdir": str(workdir),
-        }
-    }
-    print(json.dumps(settings), flush=True)
-    results = {}
-    for side in sides:
-        results[side] = run_side(side, args, workdir)
-        print(json.dumps(results[side]), flush=True)
-    if "tunesmith" in results and "trl" in results:
-        print(json.dumps({"ratio": "tunesmith/trl", **ratios(results["tunesmith"], results["trl"], RATIO_KEYS)}),
-              flush=True)
+    print_line({"settings": {
+        "pairs": args.pairs, "steps": args.steps, "max_length": args.max_length, "batch_pairs": BATCH_SIZE,
+        "grad_accum": GRAD_ACCUM, "lr": LR, "loss": DPO_LOSS, "beta": BETA, "lora": LORA,
+        "gradient_checkpointing": args.gradient_checkpointing, "tunesmith_packing": args.packing,
+        "threads": args.threads, "dtype": train_dtype(), "seed": SEED,
+        "model_path": args.model_path, "workdir": str(workdir),
+    }})
+    results = run_sides(Path(__file__).resolve(), sides, workdir, child_args(args), args.threads)
+    line = ratio_line(results, RATIO_KEYS)
+    if line is not None:
+        print_line(line)
     if "trl" in results and not args.no_check:
-        print(json.dumps(check_tokens(workdir, args.model_path, args.max_length)), flush=True)
+        print_line(check_tokens(workdir, args.model_path, partial(same_pairs, max_length=args.max_length)))
 
 
 if __name__ == "__main__":

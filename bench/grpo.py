@@ -58,35 +58,33 @@ minus `_generate_and_score_completions`, so its logging between steps lands ther
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 # bench/ is on sys.path when this file runs as a script.
 from common import (
-    SIDES,
+    LORA,
     LoopTimer,
     StepClock,
-    chosen_sides,
-    default_model_path,
+    add_side_options,
     machine_facts,
-    ratios,
+    peft_lora,
+    print_line,
+    ratio_line,
     read_jsonl,
-    run_child,
-    set_threads,
+    run_side_here,
+    run_sides,
+    start_parent,
     train_dtype,
     trl_timer,
     write_jsonl,
-    write_result,
 )
 
-# The settings both sides share; each side's code below maps them to its own config keys.
-LORA_R, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS = 16, 32, 0.0, "all-linear"
+# The settings both sides share (with common.LORA); each side's code below maps them to its own config keys.
 LR, PROMPTS_PER_STEP, MICRO_BATCH, SEED, MAX_GRAD_NORM = 1e-5, 4, 8, 0, 1.0
 TEMPERATURE, TOP_P, KL_BETA, CLIP_EPS, MAX_LENGTH = 1.0, 1.0, 0.04, 0.2, 512
 TEMPLATES = (
@@ -214,7 +212,7 @@ def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
         "model": args.model_path,  # the folder the parent resolved (by default, the default model's), as TRL's
         "output_dir": str(run_dir),
         "data": {"train": str(workdir / "train.jsonl")},
-        "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": LORA_TARGETS},
+        "lora": dict(LORA),
         "rl": {
             # file-path form: tunesmith imports this very file (its __main__ guard keeps it from running)
             "rewards": [f"{Path(__file__).resolve()}:share_of_e"],
@@ -274,7 +272,6 @@ def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
 def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
     """GRPO with TRL's GRPOTrainer + PEFT LoRA on the same prompts in conversational form."""
     import datasets
-    import peft
     import torch
     import trl
     from transformers import AutoTokenizer
@@ -343,14 +340,6 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
         eval_strategy="no",
         report_to="none",
     )
-    lora = peft.LoraConfig(
-        task_type=peft.TaskType.CAUSAL_LM,
-        r=LORA_R,
-        lora_alpha=LORA_ALPHA,
-        lora_dropout=LORA_DROPOUT,
-        target_modules=LORA_TARGETS,
-        bias="none",
-    )
     timer = trl_timer()
     trainer = TimedGRPOTrainer(
         model=args.model_path,
@@ -358,7 +347,7 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=lora,  # with beta > 0 and no ref model: the reference is the policy with its adapter disabled
+        peft_config=peft_lora(),  # with beta > 0 and no ref model: the reference is the policy with its adapter disabled
         callbacks=[timer],
     )
     timer.trainer = trainer
@@ -390,17 +379,15 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
 # ---------------------------------------------------------------- parent
 
 
-def run_side(side: str, args: argparse.Namespace, workdir: Path) -> dict:
-    """Run one side in a child process (so its peak RSS is its own) and read back its result."""
-    child = ["--model-path", args.model_path, "--steps", str(args.steps), "--group-size", str(args.group_size),
-             "--max-new-tokens", str(args.max_new_tokens)]
-    return run_child(Path(__file__).resolve(), side, workdir, child, args.threads)
+def child_args(args: argparse.Namespace) -> list[str]:
+    """The options the parent passes each side's child."""
+    return ["--model-path", args.model_path, "--steps", str(args.steps), "--group-size", str(args.group_size),
+            "--max-new-tokens", str(args.max_new_tokens)]
 
 
 RATIO_KEYS = ("s_per_step", "rollout_s_per_step", "training_s_per_step", "score_measure_s_per_step",
-            "update_s_per_step", "rollout_tokens_per_s", "peak_rss_mib", "peak_cuda_mib", "cpu_s",
-            "timed_mean_completion_length", "mean_completion_length")
-
+              "update_s_per_step", "rollout_tokens_per_s", "peak_rss_mib", "peak_cuda_mib", "cpu_s",
+              "timed_mean_completion_length", "mean_completion_length")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -412,12 +399,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=64,
                    help="longest completion (default 64; TRL max_completion_length)")
     p.add_argument("--data-seed", type=int, default=0, help="seed for building the prompts")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads in each side (default: torch's choice); 1 is steadier on a busy machine")
-    p.add_argument("--sides", default=",".join(SIDES), help="comma-separated sides to run, in order")
-    p.add_argument("--workdir", default=None, help="folder for data and run outputs (default: a new temp folder)")
-    p.add_argument("--side", choices=SIDES, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--model-path", default=None, help="HF folder to train (default: tunesmith's default model)")
+    add_side_options(p)
     args = p.parse_args(argv)
     if args.steps < 1 or args.prompts < 1 or args.max_new_tokens < 1:
         p.error("--steps, --prompts and --max-new-tokens must be at least 1")
@@ -429,41 +411,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Parent: build prompts, run each side in a child, print JSON lines. Child (--side): train and write its result."""
     args = parse_args(argv)
-    if args.side:
-        set_threads(args.threads)
-        result = (run_tunesmith if args.side == "tunesmith" else run_trl)(args, Path(args.workdir))
-        write_result(Path(args.workdir), args.side, result)
+    if run_side_here(args, {"tunesmith": run_tunesmith, "trl": run_trl}):
         return
 
-    sides = chosen_sides(args.sides)
-
-    # Both sides load the same HF folder: by default, the default model as tunesmith imports it from its .gguf.
-    args.model_path = args.model_path or default_model_path()
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tunesmith-bench-grpo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    sides, workdir = start_parent(args, "grpo")
     write_jsonl(workdir / "train.jsonl", make_prompts(args.prompts, args.data_seed))
-
     completions = PROMPTS_PER_STEP * args.group_size
-    settings = {
-        "settings": {
-            "prompts": args.prompts, "steps": args.steps, "prompts_per_step": PROMPTS_PER_STEP,
-            "group_size": args.group_size, "completions_per_step": completions,
-            "micro_batch": micro_batch(completions), "max_new_tokens": args.max_new_tokens,
-            "temperature": TEMPERATURE, "top_p": TOP_P, "kl_beta": KL_BETA, "clip_eps": CLIP_EPS, "lr": LR,
-            "loss_normalization": "token (TRL dapo)", "scale_rewards": True, "reward": "share_of_e",
-            "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": LORA_TARGETS},
-            "threads": args.threads, "dtype": train_dtype(), "seed": SEED,
-            "model_path": args.model_path, "workdir": str(workdir),
-        }
-    }
-    print(json.dumps(settings), flush=True)
-    results = {}
-    for side in sides:
-        results[side] = run_side(side, args, workdir)
-        print(json.dumps(results[side]), flush=True)
-    if "tunesmith" in results and "trl" in results:
-        print(json.dumps({"ratio": "tunesmith/trl", **ratios(results["tunesmith"], results["trl"], RATIO_KEYS)}),
-              flush=True)
+    print_line({"settings": {
+        "prompts": args.prompts, "steps": args.steps, "prompts_per_step": PROMPTS_PER_STEP,
+        "group_size": args.group_size, "completions_per_step": completions,
+        "micro_batch": micro_batch(completions), "max_new_tokens": args.max_new_tokens,
+        "temperature": TEMPERATURE, "top_p": TOP_P, "kl_beta": KL_BETA, "clip_eps": CLIP_EPS, "lr": LR,
+        "loss_normalization": "token (TRL dapo)", "scale_rewards": True, "reward": "share_of_e", "lora": LORA,
+        "threads": args.threads, "dtype": train_dtype(), "seed": SEED,
+        "model_path": args.model_path, "workdir": str(workdir),
+    }})
+    results = run_sides(Path(__file__).resolve(), sides, workdir, child_args(args), args.threads)
+    line = ratio_line(results, RATIO_KEYS)
+    if line is not None:
+        print_line(line)
 
 
 if __name__ == "__main__":

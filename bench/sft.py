@@ -27,38 +27,40 @@ final model is scored on the whole training data with the same code (`final_trai
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
-import tempfile
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402  (bench/ is not a package; its scripts run as files)
+    LORA,
     PROMPTS,
-    SIDES,
     LoopTimer,
     StepClock,
-    chosen_sides,
-    default_model_path,
+    add_side_options,
+    check_tokens,
     loss_summary,
     machine_facts,
     matmul_gflops,
-    ratios,
+    peft_lora,
+    print_line,
+    ratio_line,
     read_jsonl,
-    run_child,
+    run_side_here,
+    run_sides,
+    save_trl_tokens,
     set_threads,
     slice_at_word,
+    start_parent,
     tokenizer_of,
     trl_timer,
     write_jsonl,
-    write_result,
 )
 
-# The settings both sides share; each side's code below maps them to its own config keys.
-LORA_R, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS = 16, 32, 0.0, "all-linear"
+# The settings both sides share (with common.LORA); each side's code below maps them to its own config keys.
 BATCH_SIZE, GRAD_ACCUM, SEED, MAX_GRAD_NORM = 8, 1, 0, 1.0
 JOBS: dict[str, dict[str, Any]] = {
     "lora": {"method": "sft", "lora": True, "lr": 2e-4, "flops_per_param": 4},
@@ -185,8 +187,7 @@ def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
         "model": args.model_path,
         "output_dir": str(workdir / "tunesmith-run"),
         "data": {"train": str(workdir / "train.jsonl")},
-        "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": LORA_TARGETS}
-        if job["lora"] else None,
+        "lora": dict(LORA) if job["lora"] else None,
         "train": train,
         "load": {"dtype": "float32" if args.device == "cpu" else "bfloat16"},
         "output": {"merge": False, "save_adapter": False},
@@ -214,7 +215,6 @@ def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
 def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
     """The job with TRL's SFTTrainer: SFT rows padded (TRL's default), pretraining text packed (bfd_split)."""
     import datasets
-    import peft
     import trl
     from transformers import AutoTokenizer
 
@@ -256,13 +256,9 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
         report_to="none",
         disable_tqdm=False,
     )
-    lora = peft.LoraConfig(
-        task_type=peft.TaskType.CAUSAL_LM, r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
-        target_modules=LORA_TARGETS, bias="none",
-    ) if job["lora"] else None
     timer = trl_timer()
     trainer = trl.SFTTrainer(model=args.model_path, args=config, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=lora, callbacks=[timer])
+                             peft_config=peft_lora() if job["lora"] else None, callbacks=[timer])
     timer.trainer = trainer
     trainer.train()
     # Tokens: TRL's own count (its `num_tokens` metric), the attention_mask sum (padded) or the packed length per batch.
@@ -282,25 +278,20 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
     )
     if job["method"] != "pretrain":
         result["data_trained_tokens"] = sum(sum(1 for x in labels if x != -100) for labels in prepared["labels"])
-        # For the parent's tokenisation check; written after peak RSS was read.
-        tokens_seen = {"input_ids": [list(x) for x in prepared["input_ids"]],
-                       "labels": [list(x) for x in prepared["labels"]]}
-        (workdir / "trl_tokens.json").write_text(json.dumps(tokens_seen))
+        save_trl_tokens(workdir, {"input_ids": prepared["input_ids"], "labels": prepared["labels"]})
     return result
 
 
 # ---------------------------------------------------------------- parent
 
 
-def check_tokens(workdir: Path, model_path: str, max_length: int) -> dict:
-    """Compare TRL's prepared rows with tunesmith's unpacked documents: token ids, and the trained-token masks."""
+def same_rows(tokenizer: Any, trl_rows: dict[str, list[list[int]]], workdir: Path, max_length: int) -> dict:
+    """TRL's prepared rows against tunesmith's unpacked documents: token ids, and the trained-token masks."""
     from tunesmith.data import build_dataset
 
-    tokenizer = tokenizer_of(model_path)
     docs = build_dataset(
         str(workdir / "train.jsonl"), tokenizer, method="sft", max_length=max_length, packing=False
     ).rows
-    trl_rows = json.loads((workdir / "trl_tokens.json").read_text())
     pairs = list(zip(docs, trl_rows["input_ids"], trl_rows["labels"]))
     same_ids = sum(d.input_ids == ids for d, ids, _ in pairs)
     only_trl = only_ts = 0
@@ -309,7 +300,6 @@ def check_tokens(workdir: Path, model_path: str, max_length: int) -> dict:
             only_ts += a != -100 and b == -100
             only_trl += a == -100 and b != -100
     return {
-        "check": "tokenisation",
         "rows": [len(docs), len(trl_rows["input_ids"])],
         "rows_with_same_input_ids": same_ids,
         "tokens_trained_only_by_trl": only_trl,
@@ -333,23 +323,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=64, help="SFT rows, and pretraining texts, to build per job (default 64)")
     p.add_argument("--max-length", type=int, default=512, help="tokens per row (default 512)")
     p.add_argument("--data-seed", type=int, default=0, help="seed for building the data")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads in each side (default: torch's choice)")
-    p.add_argument("--sides", default=",".join(SIDES), help="comma-separated sides to run, in order")
     p.add_argument("--gradient-checkpointing", action="store_true", help="turn it on for both sides (off by default)")
     p.add_argument("--no-packing", action="store_true", help="tunesmith without packing (padded rows like TRL)")
     p.add_argument("--same-rows-per-step", action="store_true",
                    help="tunesmith takes 8 packed rows per step, not as many documents per step as TRL's 8 padded rows")
     p.add_argument("--forward-tokens", type=int, default=None,
                    help="tunesmith's train.forward_tokens (default: its own default for the device)")
-    p.add_argument("--model-path", default=None, help="HF folder to train (default: tunesmith's default model)")
-    p.add_argument("--workdir", default=None, help="folder for data and run outputs (default: a new temp folder)")
     p.add_argument("--no-check", action="store_true", help="skip comparing the two sides' tokenisation")
-    p.add_argument("--side", choices=SIDES, default=None, help=argparse.SUPPRESS)
+    add_side_options(p)
     p.add_argument("--job", choices=list(JOBS), default="lora", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rows < 1:
         p.error("--rows must be at least 1")
     return args
+
+
+def child_args(args: argparse.Namespace, job: str) -> list[str]:
+    """The options the parent passes each side's child for `job`."""
+    out = ["--job", job, "--model-path", args.model_path, "--max-length", str(args.max_length)]
+    if args.forward_tokens:
+        out += ["--forward-tokens", str(args.forward_tokens)]
+    out += ["--same-rows-per-step"] * args.same_rows_per_step
+    return out + ["--gradient-checkpointing"] * args.gradient_checkpointing + ["--no-packing"] * args.no_packing
+
+
+def finish_side(result: dict, job: str, rate_gflops: float) -> None:
+    """Name the job in a side's result line and add its MFU."""
+    result["job"] = job
+    add_mfu(result, job, rate_gflops)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -358,50 +359,35 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.side:
-        set_threads(args.threads)
-        result = (run_tunesmith if args.side == "tunesmith" else run_trl)(args, Path(args.workdir))
-        write_result(Path(args.workdir), args.side, result)
+    if run_side_here(args, {"tunesmith": run_tunesmith, "trl": run_trl}):
         return
 
     jobs = [j.strip() for j in args.jobs.split(",") if j.strip()]
     unknown = sorted(set(jobs) - set(JOBS))
     if unknown:
         raise SystemExit(f"--jobs: unknown {', '.join(unknown)}; choose from {', '.join(JOBS)}")
-    sides = chosen_sides(args.sides)
-    args.model_path = args.model_path or default_model_path()
-    root = Path(args.workdir or tempfile.mkdtemp(prefix="tunesmith-bench-sft-"))
+    sides, root = start_parent(args, "sft")
     set_threads(args.threads)
     rate = matmul_gflops()
-    print(json.dumps({"settings": {
+    print_line({"settings": {
         "jobs": jobs, "rows": args.rows, "max_length": args.max_length, "batch_size": BATCH_SIZE,
-        "grad_accum": GRAD_ACCUM, "lr": {j: JOBS[j]["lr"] for j in jobs},
-        "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": LORA_TARGETS},
+        "grad_accum": GRAD_ACCUM, "lr": {j: JOBS[j]["lr"] for j in jobs}, "lora": LORA,
         "gradient_checkpointing": args.gradient_checkpointing, "forward_tokens": args.forward_tokens,
         "device": args.device,
         "dtype": "float32" if args.device == "cpu" else "bfloat16", "threads": torch.get_num_threads(),
         "seed": SEED, "model_path": args.model_path, "workdir": str(root),
         "matmul_gflops": rate,  # the best (2048 x 2048) @ (2048 x 2048) matmul here, measured before the jobs
-    }}), flush=True)
+    }})
     for job in jobs:
         workdir = root / job
         workdir.mkdir(parents=True, exist_ok=True)
         records = make_texts(args.rows, args.data_seed) if JOBS[job]["method"] == "pretrain" else make_rows(
             args.rows, args.data_seed)
         write_jsonl(workdir / "train.jsonl", records)
-        child_args = ["--job", job, "--model-path", args.model_path, "--max-length", str(args.max_length)]
-        if args.forward_tokens:
-            child_args += ["--forward-tokens", str(args.forward_tokens)]
-        child_args += ["--same-rows-per-step"] * args.same_rows_per_step
-        child_args += ["--gradient-checkpointing"] * args.gradient_checkpointing + ["--no-packing"] * args.no_packing
-        results = {}
-        for side in sides:
-            results[side] = run_child(Path(__file__).resolve(), side, workdir, child_args, args.threads)
-            results[side]["job"] = job
-            add_mfu(results[side], job, rate)
-            print(json.dumps(results[side]), flush=True)
-        if "tunesmith" in results and "trl" in results:
-            line = {"job": job, "ratio": "tunesmith/trl", **ratios(results["tunesmith"], results["trl"], RATIO_KEYS)}
+        results = run_sides(Path(__file__).resolve(), sides, workdir, child_args(args, job), args.threads,
+                            partial(finish_side, job=job, rate_gflops=rate))
+        line = ratio_line(results, RATIO_KEYS, job=job)
+        if line is not None:
             speed_goal, memory_goal = GPU_GOAL if args.device == "cuda" else GOALS[job]
             memory = line.get("peak_cuda_mib") or line.get("peak_rss_mib")
             line[f"goal_tokens_per_s_ge_{speed_goal}"] = (line.get("tokens_per_s") or 0) >= speed_goal
@@ -409,9 +395,10 @@ def main(argv: list[str] | None = None) -> None:
             line["goal_final_train_loss_within_2pct"] = (line.get("final_train_loss") or 9.0) <= 1.02
             if job == "lora":
                 line["goal_mfu_ge_0.5"] = (results["tunesmith"].get("mfu") or 0) >= 0.5
-            print(json.dumps(line), flush=True)
+            print_line(line)
         if "trl" in results and JOBS[job]["method"] != "pretrain" and not args.no_check:
-            print(json.dumps({"job": job, **check_tokens(workdir, args.model_path, args.max_length)}), flush=True)
+            compare = partial(same_rows, max_length=args.max_length)
+            print_line({"job": job, **check_tokens(workdir, args.model_path, compare)})
 
 
 if __name__ == "__main__":
