@@ -27,57 +27,52 @@ tunesmith runs without packing by default (so each step is exactly 8 pairs, as o
 --packing turns its default packing back on (a step is then 8 rows of several pairs each).
 
 Timing: training only, model loading and data preparation excluded. Both sides take a wall-clock stamp at
-the end of every optimizer step (tunesmith: the `time` field of its metrics.jsonl; TRL: a TrainerCallback's
+the end of every optimizer step (tunesmith: its loop's on_step_end callback; TRL: a TrainerCallback's
 on_step_end); throughput runs from the end of step 1 to the end of the last step, so the first step is
 left out as warm-up. Tokens are counted the same way on both sides: the non-padding tokens of both
-sequences (prompt + chosen, prompt + rejected) of every pair trained on (tunesmith's `tokens_seen`, TRL's
-sum of the attention mask, its `num_tokens` metric).
+sequences (prompt + chosen, prompt + rejected) of every pair trained on (tunesmith's step tokens, TRL's
+sum of the attention mask, its `num_tokens` metric). Pairs: what each tunesmith step's loss was averaged
+over (its `count`), and on TRL's side half the rows of every micro-batch.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
-import tempfile
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 # bench/ is on sys.path when this file runs as a script.
 from common import (
-    SIDES,
-    chosen_sides,
-    default_model_path,
+    LORA,
+    PROMPTS,
+    LoopTimer,
+    StepClock,
+    add_side_options,
+    check_tokens,
     loss_summary,
     machine_facts,
-    ratios,
-    rss_mib,
-    run_child,
-    set_threads,
-    tokenizer_of,
+    peft_lora,
+    print_line,
+    ratio_line,
+    run_side_here,
+    run_sides,
+    save_trl_tokens,
+    slice_at_word,
+    start_parent,
     train_dtype,
-    write_result,
+    trl_timer,
+    write_jsonl,
 )
-from sft import PROMPTS, read_jsonl
 
-# The settings both sides share; each side's code below maps them to its own config keys.
-LORA_R, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS = 16, 32, 0.0, "all-linear"
+# The settings both sides share (with common.LORA); each side's code below maps them to its own config keys.
 LR, BATCH_SIZE, GRAD_ACCUM, SEED, MAX_GRAD_NORM = 5e-5, 8, 1, 0, 1.0
 DPO_LOSS, BETA = "sigmoid", 0.1
 
 
 # ---------------------------------------------------------------- data
-
-
-def _slice(text: str, length: int, rng: random.Random) -> str:
-    """A seeded slice of `text` of about `length` characters that starts at a word."""
-    length = min(length, len(text))
-    start = rng.randint(0, len(text) - length)
-    match = re.compile(r"(?<=\s)\S").search(text, start)
-    start = match.start() if match and match.start() <= len(text) - length else start
-    return text[start : start + length].rstrip()
 
 
 def _shuffled_sentences(text: str, rng: random.Random) -> str | None:
@@ -103,13 +98,13 @@ def make_pairs(num_pairs: int, seed: int, min_chars: int = 80, max_chars: int = 
     while len(pairs) < num_pairs:
         length = rng.randint(min_chars, max_chars)
         name = rng.choice([n for n in names if len(topics[n]) >= length])
-        chosen = _slice(topics[name], length, rng)
+        chosen = slice_at_word(topics[name], length, rng)
         rejected = _shuffled_sentences(chosen, rng) if rng.random() < 0.5 else None
         if rejected is None:
             # A passage of similar length (within 15%) from a different topic.
             target = rng.randint(int(0.85 * len(chosen)), int(1.15 * len(chosen)) + 1)
             other = rng.choice([n for n in names if n != name and len(topics[n]) >= target])
-            rejected = _slice(topics[other], target, rng)
+            rejected = slice_at_word(topics[other], target, rng)
         if not chosen.strip() or not rejected.strip() or rejected == chosen:
             continue
         opening = " ".join(chosen.split()[:6])
@@ -121,11 +116,9 @@ def make_pairs(num_pairs: int, seed: int, min_chars: int = 80, max_chars: int = 
 # ---------------------------------------------------------------- shared measurements
 
 
-def timed_steps(stamps: list[float], tokens: list[int], pairs: list[int]) -> dict[str, float | int | None]:
-    """Throughput from the end of step 1 to the end of the last step (step 1 is warm-up, left out).
-
-    `stamps`, `tokens` and `pairs` hold, per step, its wall-clock end, and the cumulative tokens and pairs.
-    """
+def timed_steps(clock: StepClock) -> dict[str, float | int | None]:
+    """Throughput from the end of step 1 to the end of the last step (step 1 is warm-up, left out)."""
+    stamps, tokens, pairs = clock.stamps, clock.tokens, clock.items
     if len(stamps) < 2:
         return {"timed_steps": 0, "timed_s": None, "steps_per_s": None, "s_per_step": None,
                 "pairs_per_s": None, "tokens_per_s": None}
@@ -142,51 +135,38 @@ def timed_steps(stamps: list[float], tokens: list[int], pairs: list[int]) -> dic
     }
 
 
-def side_result(
-    side: str,
-    *,
-    train_start: float,
-    stamps: list[float],
-    tokens: list[int],
-    pairs: list[int],
-    losses: list[float],
-    cpu_s: float,
-    **extra: Any,
-) -> dict:
+def side_result(side: str, clock: StepClock, losses: list[float], **extra: Any) -> dict:
     """One side's result line: throughput without the first step, time per step, peak memory, losses."""
-
-    result: dict[str, Any] = {
+    return {
         "side": side,
-        **timed_steps(stamps, tokens, pairs),
-        "steps": len(stamps),
-        "pairs": pairs[-1] if pairs else 0,
-        "tokens": tokens[-1] if tokens else 0,
-        "first_step_s": stamps[0] - train_start if stamps else None,  # warm-up, not in the throughput
+        **timed_steps(clock),
+        "steps": len(clock.stamps),
+        "pairs": int(clock.items[-1]) if clock.items else 0,
+        "tokens": clock.tokens[-1] if clock.tokens else 0,
+        "first_step_s": clock.stamps[0] - clock.begin if clock.stamps else None,  # warm-up, not in the throughput
         **loss_summary(losses),
         # CPU seconds of the whole process over the whole loop (first step included): less sensitive than
         # wall time to other load on the machine.
-        "cpu_s": cpu_s,
-        **machine_facts(),  # peak RSS (and CUDA memory), threads, load
+        "cpu_s": clock.cpu_s,
+        **machine_facts(clock),  # peak RSS when training ended (and CUDA memory), RSS at its start, threads, load
         **extra,
     }
-    return result
 
 
 # ---------------------------------------------------------------- the two sides
 
 
 def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
-    """DPO with tunesmith (`method: dpo`), timed from the stamps of its metrics.jsonl."""
+    """DPO with tunesmith (`method: dpo`), timed by its loop callbacks."""
     import tunesmith
-    import tunesmith.run as run_module
 
     run_dir = workdir / "tunesmith-run"
     cfg = {
         "method": "dpo",
-        "model": "default",
+        "model": args.model_path,  # the folder the parent resolved (by default, the default model's), as TRL's
         "output_dir": str(run_dir),
         "data": {"train": str(workdir / "train.jsonl")},
-        "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": LORA_TARGETS},
+        "lora": dict(LORA),
         "dpo": {"loss": DPO_LOSS, "beta": BETA, "precompute_ref": False},
         "train": {
             "max_steps": args.steps,
@@ -210,47 +190,14 @@ def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
         "output": {"merge": False, "save_adapter": False},
     }
 
-    import tunesmith.core.loop as loop_module
-
-    loop = run_module.train_loop
-    seen = {"start": 0.0, "cpu_s": 0.0, "rss_at_start": 0.0}
-    pairs_per_step: list[int] = []
-    update = loop_module.Updater.__call__
-
-    def counting_update(self: Any, micro: list) -> Any:
-        """One optimizer update; records the pairs in all its forward passes (train.forward_tokens may split a step)."""
-        pairs_per_step.append(sum(int(mb["margins"].numel()) for mb in micro))
-        return update(self, micro)
-
-    def timed_loop(**kwargs: Any) -> Any:
-        """tunesmith's own loop, with its CPU time and the pairs of every update recorded."""
-        seen["rss_at_start"] = rss_mib()
-        seen["start"] = time.time()
-        cpu = time.process_time()
-        try:
-            return loop(**kwargs)
-        finally:
-            seen["cpu_s"] = time.process_time() - cpu
-
-    loop_module.Updater.__call__ = counting_update
-    run_module.train_loop = timed_loop
-    result = tunesmith.train(cfg)
-    records = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "tokens_seen" in r]
-    pairs, total = [], 0
-    for step_pairs in pairs_per_step[: len(records)]:
-        total += step_pairs
-        pairs.append(total)
+    timer = LoopTimer()  # a DPO step's `count` is its pairs, over all its forward passes (train.forward_tokens)
+    result = tunesmith.train(cfg, callbacks=[timer])
     stats = result.train_stats
     return side_result(
         "tunesmith",
-        train_start=seen["start"],
-        stamps=[r["time"] for r in records],
-        tokens=[r["tokens_seen"] for r in records],
-        pairs=pairs,
-        losses=[r["loss"] for r in records],
-        cpu_s=seen["cpu_s"],
-        rss_at_train_start_mib=seen["rss_at_start"],
-        final_accuracy=records[-1].get("rewards/accuracy") if records else None,
+        timer.clock,
+        losses=[loss for loss in timer.losses if loss is not None],
+        final_accuracy=timer.stats[-1].get("rewards/accuracy") if timer.stats else None,
         packing=args.packing,
         data_pairs=stats.num_documents,
         data_rows=stats.num_rows,
@@ -263,43 +210,19 @@ def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
 def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
     """DPO with TRL's DPOTrainer + PEFT LoRA on the same pairs in conversational form (TRL pads, no packing)."""
     import datasets
-    import peft
     import torch
     import trl
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
 
     class CountingDPOTrainer(trl.DPOTrainer):
         """DPOTrainer that counts the pairs it trains on (a batch holds its chosen rows, then its rejected)."""
 
-        pairs_seen = 0
+        items_seen = 0  # pairs, read by the timer at the end of every step
 
         def training_step(self, model: Any, inputs: dict[str, Any], *rest: Any, **kwargs: Any) -> Any:
             """Count the pairs of this micro-batch, then train on it as DPOTrainer does."""
-            self.pairs_seen += int(inputs["input_ids"].shape[0]) // 2
+            self.items_seen += int(inputs["input_ids"].shape[0]) // 2
             return super().training_step(model, inputs, *rest, **kwargs)
-
-    class Timer(TrainerCallback):
-        """Wall-clock stamp, cumulative tokens and pairs at the end of every step; CPU time over training."""
-
-        def __init__(self) -> None:
-            self.trainer: Any = None
-            self.begin = self.cpu_s = self.cpu_begin = self.rss_at_start = 0.0
-            self.stamps: list[float] = []
-            self.tokens: list[int] = []
-            self.pairs: list[int] = []
-
-        def on_train_begin(self, *_: Any, **__: Any) -> None:
-            self.rss_at_start = rss_mib()
-            self.begin = time.time()
-            self.cpu_begin = time.process_time()
-
-        def on_step_end(self, *_: Any, **__: Any) -> None:
-            self.stamps.append(time.time())
-            self.tokens.append(int(self.trainer._total_train_tokens))
-            self.pairs.append(int(self.trainer.pairs_seen))
-
-        def on_train_end(self, *_: Any, **__: Any) -> None:
-            self.cpu_s = time.process_time() - self.cpu_begin
 
     # The same file as tunesmith reads, turned into TRL's conversational form so TRL applies the chat template.
     raw = datasets.load_dataset(
@@ -337,22 +260,14 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
         eval_strategy="no",
         report_to="none",
     )
-    lora = peft.LoraConfig(
-        task_type=peft.TaskType.CAUSAL_LM,
-        r=LORA_R,
-        lora_alpha=LORA_ALPHA,
-        lora_dropout=LORA_DROPOUT,
-        target_modules=LORA_TARGETS,
-        bias="none",
-    )
-    timer = Timer()
+    timer = trl_timer()
     trainer = CountingDPOTrainer(
         model=args.model_path,
         ref_model=None,  # with peft_config: the reference is the policy with its adapter disabled
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=lora,
+        peft_config=peft_lora(),
         callbacks=[timer],
     )
     timer.trainer = trainer
@@ -361,13 +276,8 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
     logs = [e for e in trainer.state.log_history if "loss" in e]
     result = side_result(
         "trl",
-        train_start=timer.begin,
-        stamps=timer.stamps,
-        tokens=timer.tokens,
-        pairs=timer.pairs,
+        timer.clock,
         losses=[e["loss"] for e in logs],
-        cpu_s=timer.cpu_s,
-        rss_at_train_start_mib=timer.rss_at_start,
         final_accuracy=logs[-1].get("rewards/accuracies") if logs else None,
         packing=False,
         data_pairs=len(prepared),
@@ -379,23 +289,19 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
         ),
         trainable_params=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
     )
-    # For the parent's tokenisation check; written after peak RSS was read.
-    tokens_seen = {k: [list(x) for x in prepared[k]] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
-    (workdir / "trl_tokens.json").write_text(json.dumps(tokens_seen))
+    save_trl_tokens(workdir, {k: prepared[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
     return result
 
 
 # ---------------------------------------------------------------- parent
 
 
-def check_tokens(workdir: Path, model_path: str, max_length: int) -> dict:
-    """Compare TRL's tokenised pairs with tunesmith's: whole sequences, and the answer tokens each side scores."""
+def same_pairs(tokenizer: Any, trl_rows: dict[str, list[list[int]]], workdir: Path, max_length: int) -> dict:
+    """TRL's tokenised pairs against tunesmith's: whole sequences, and the answer tokens each side scores."""
     from tunesmith.data.preference import build_pairs
     from tunesmith.ops.losses import IGNORE_INDEX
 
-    tokenizer = tokenizer_of(model_path)
     docs = build_pairs(str(workdir / "train.jsonl"), tokenizer, max_length=max_length, packing=False).rows
-    trl_rows = json.loads((workdir / "trl_tokens.json").read_text())
     same = scored_ts = scored_trl = 0
     for doc, prompt, chosen, rejected in zip(docs, trl_rows["prompt_ids"], trl_rows["chosen_ids"], trl_rows["rejected_ids"]):
         trl_seqs = [(prompt + answer)[:max_length] for answer in (chosen, rejected)]
@@ -406,7 +312,6 @@ def check_tokens(workdir: Path, model_path: str, max_length: int) -> dict:
             scored_trl += max(0, len(trl_seq) - len(prompt))
             start += n
     return {
-        "check": "tokenisation",
         "pairs": [len(docs), len(trl_rows["prompt_ids"])],
         "sequences_with_same_input_ids": same,
         "sequences": 2 * min(len(docs), len(trl_rows["prompt_ids"])),
@@ -415,15 +320,13 @@ def check_tokens(workdir: Path, model_path: str, max_length: int) -> dict:
     }
 
 
-def run_side(side: str, args: argparse.Namespace, workdir: Path) -> dict:
-    """Run one side in a child process (so its peak RSS is its own) and read back its result."""
-    child = ["--model-path", args.model_path, "--max-length", str(args.max_length), "--steps", str(args.steps)]
-    child += ["--gradient-checkpointing"] * args.gradient_checkpointing + ["--packing"] * args.packing
-    return run_child(Path(__file__).resolve(), side, workdir, child, args.threads)
+def child_args(args: argparse.Namespace) -> list[str]:
+    """The options the parent passes each side's child."""
+    out = ["--model-path", args.model_path, "--max-length", str(args.max_length), "--steps", str(args.steps)]
+    return out + ["--gradient-checkpointing"] * args.gradient_checkpointing + ["--packing"] * args.packing
 
 
 RATIO_KEYS = ("steps_per_s", "pairs_per_s", "tokens_per_s", "s_per_step", "peak_rss_mib", "peak_cuda_mib", "cpu_s")
-
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -433,16 +336,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=8, help="optimizer steps on both sides (default 8; the first is warm-up)")
     p.add_argument("--max-length", type=int, default=512, help="tokens per sequence, prompt + answer (default 512)")
     p.add_argument("--data-seed", type=int, default=0, help="seed for building the pairs")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads in each side (default: torch's choice); 1 is steadier on a busy machine")
-    p.add_argument("--sides", default=",".join(SIDES), help="comma-separated sides to run, in order")
     p.add_argument("--gradient-checkpointing", action="store_true", help="turn it on for both sides (off by default)")
     p.add_argument("--packing", action="store_true",
                    help="tunesmith packs several pairs into each of its 8 rows (off by default: 8 pairs a step, as TRL)")
-    p.add_argument("--workdir", default=None, help="folder for data and run outputs (default: a new temp folder)")
     p.add_argument("--no-check", action="store_true", help="skip comparing the two sides' tokenisation")
-    p.add_argument("--side", choices=SIDES, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--model-path", default=None, help="HF folder to train (default: tunesmith's default model)")
+    add_side_options(p)
     args = p.parse_args(argv)
     if args.steps < 1 or args.pairs < 1:
         p.error("--steps and --pairs must be at least 1")
@@ -452,42 +350,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Parent: build data, run each side in a child, print JSON lines. Child (--side): train and write its result."""
     args = parse_args(argv)
-    if args.side:
-        set_threads(args.threads)
-        result = (run_tunesmith if args.side == "tunesmith" else run_trl)(args, Path(args.workdir))
-        write_result(Path(args.workdir), args.side, result)
+    if run_side_here(args, {"tunesmith": run_tunesmith, "trl": run_trl}):
         return
 
-    sides = chosen_sides(args.sides)
-
-    # Both sides load the same HF folder: by default, the default model as tunesmith imports it from its .gguf.
-    args.model_path = args.model_path or default_model_path()
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tunesmith-bench-dpo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir / "train.jsonl", "w", encoding="utf-8") as f:
-        for pair in make_pairs(args.pairs, args.data_seed):
-            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
-
-    settings = {
-        "settings": {
-            "pairs": args.pairs, "steps": args.steps, "max_length": args.max_length, "batch_pairs": BATCH_SIZE,
-            "grad_accum": GRAD_ACCUM, "lr": LR, "loss": DPO_LOSS, "beta": BETA,
-            "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": LORA_TARGETS},
-            "gradient_checkpointing": args.gradient_checkpointing, "tunesmith_packing": args.packing,
-            "threads": args.threads, "dtype": train_dtype(), "seed": SEED,
-            "model_path": args.model_path, "workdir": str(workdir),
-        }
-    }
-    print(json.dumps(settings), flush=True)
-    results = {}
-    for side in sides:
-        results[side] = run_side(side, args, workdir)
-        print(json.dumps(results[side]), flush=True)
-    if "tunesmith" in results and "trl" in results:
-        print(json.dumps({"ratio": "tunesmith/trl", **ratios(results["tunesmith"], results["trl"], RATIO_KEYS)}),
-              flush=True)
+    sides, workdir = start_parent(args, "dpo")
+    write_jsonl(workdir / "train.jsonl", make_pairs(args.pairs, args.data_seed))
+    print_line({"settings": {
+        "pairs": args.pairs, "steps": args.steps, "max_length": args.max_length, "batch_pairs": BATCH_SIZE,
+        "grad_accum": GRAD_ACCUM, "lr": LR, "loss": DPO_LOSS, "beta": BETA, "lora": LORA,
+        "gradient_checkpointing": args.gradient_checkpointing, "tunesmith_packing": args.packing,
+        "threads": args.threads, "dtype": train_dtype(), "seed": SEED,
+        "model_path": args.model_path, "workdir": str(workdir),
+    }})
+    results = run_sides(Path(__file__).resolve(), sides, workdir, child_args(args), args.threads)
+    line = ratio_line(results, RATIO_KEYS)
+    if line is not None:
+        print_line(line)
     if "trl" in results and not args.no_check:
-        print(json.dumps(check_tokens(workdir, args.model_path, args.max_length)), flush=True)
+        print_line(check_tokens(workdir, args.model_path, partial(same_pairs, max_length=args.max_length)))
 
 
 if __name__ == "__main__":

@@ -45,45 +45,46 @@ the sides (different samplers, different prompt order), so mean completion lengt
 sides: compare it before reading the time ratios.
 
 Timing: model loading and data preparation excluded. Both sides take a wall-clock stamp at the end of
-every optimizer step (tunesmith: the `time` field of its metrics.jsonl; TRL: a TrainerCallback's
-on_step_end); seconds per step run from the end of step 1 to the end of the last step, so the first step
-is left out as warm-up. Each timed step is split into rollout (generation) and training (the rest):
-tunesmith's `time/rollout_s`, and on TRL the time spent in `GRPOTrainer._generate_single_turn` (prompt
-padding, `model.generate`, cutting at EOS). Both sides also give the middle part: rewards and the no-grad
-log-prob passes (tunesmith `time/reward_s` + `time/measure_s`; TRL the rest of
-`_generate_and_score_completions`), and the update (tunesmith `time/update_s`; TRL the step minus
-`_generate_and_score_completions`, so its logging between steps lands there).
+every optimizer step (tunesmith: its loop's on_step_end callback; TRL: a TrainerCallback's on_step_end);
+seconds per step run from the end of step 1 to the end of the last step, so the first step is left out as
+warm-up. Each timed step is split into rollout (generation) and training (the rest): tunesmith's
+`time/rollout_s` (a statistic of the step the callback receives), and on TRL the time spent in
+`GRPOTrainer._generate_single_turn` (prompt padding, `model.generate`, cutting at EOS). Both sides also
+give the middle part: rewards and the no-grad log-prob passes (tunesmith `time/reward_s` + `time/measure_s`;
+TRL the rest of `_generate_and_score_completions`), and the update (tunesmith `time/update_s`; TRL the step
+minus `_generate_and_score_completions`, so its logging between steps lands there).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 # bench/ is on sys.path when this file runs as a script.
 from common import (
-    SIDES,
-    chosen_sides,
-    default_model_path,
+    LORA,
+    LoopTimer,
+    StepClock,
+    add_side_options,
     machine_facts,
-    ratios,
-    rss_mib,
-    run_child,
-    set_threads,
+    peft_lora,
+    print_line,
+    ratio_line,
+    read_jsonl,
+    run_side_here,
+    run_sides,
+    start_parent,
     train_dtype,
-    write_result,
+    trl_timer,
+    write_jsonl,
 )
-from sft import read_jsonl
 
-# The settings both sides share; each side's code below maps them to its own config keys.
-LORA_R, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS = 16, 32, 0.0, "all-linear"
+# The settings both sides share (with common.LORA); each side's code below maps them to its own config keys.
 LR, PROMPTS_PER_STEP, MICRO_BATCH, SEED, MAX_GRAD_NORM = 1e-5, 4, 8, 0, 1.0
 TEMPERATURE, TOP_P, KL_BETA, CLIP_EPS, MAX_LENGTH = 1.0, 1.0, 0.04, 0.2, 512
 TEMPLATES = (
@@ -140,24 +141,22 @@ def _mean(values: list[float]) -> float | None:
 
 def side_result(
     side: str,
+    clock: StepClock,
     *,
-    train_start: float,
-    stamps: list[float],
     rollout_s: list[float],
     score_measure_s: list[float],
     lengths: list[float],
     rewards: list[float],
     kls: list[float],
     completions_per_step: int,
-    cpu_s: float,
     **extra: Any,
 ) -> dict:
     """One side's result line: time per step (without step 1) split into rollout and training, memory, rewards.
 
-    Every list holds one value per step: its wall-clock end, its rollout seconds, its reward + no-grad
-    log-prob seconds, its mean completion length, mean reward and mean KL.
+    Every list holds one value per step: its rollout seconds, its reward + no-grad log-prob seconds, its mean
+    completion length, mean reward and mean KL; the clock holds each step's wall-clock end.
     """
-
+    stamps = clock.stamps
     step_s = [b - a for a, b in zip(stamps, stamps[1:])]  # steps 2..n
     timed = len(step_s)
     rollout, middle = rollout_s[1:], score_measure_s[1:]
@@ -165,7 +164,7 @@ def side_result(
     s_per_step = timed_s / timed if timed_s is not None else None
     rollout_per_step = _mean(rollout)
     generated = [n * completions_per_step for n in lengths[1:]]
-    result: dict[str, Any] = {
+    return {
         "side": side,
         "steps": len(stamps),
         "timed_steps": timed,
@@ -176,7 +175,7 @@ def side_result(
         "score_measure_s_per_step": _mean(middle),
         "update_s_per_step": _mean([s - r - m for s, r, m in zip(step_s, rollout, middle)]),
         "rollout_share": rollout_per_step / s_per_step if timed and rollout_per_step is not None and s_per_step else None,
-        "first_step_s": stamps[0] - train_start if stamps else None,  # warm-up, not in the figures above
+        "first_step_s": stamps[0] - clock.begin if stamps else None,  # warm-up, not in the figures above
         "completions_per_step": completions_per_step,
         "mean_completion_length": _mean(lengths),
         "timed_mean_completion_length": _mean(lengths[1:]),
@@ -187,35 +186,33 @@ def side_result(
         "final_kl": kls[-1] if kls else None,
         # CPU seconds of the whole process over the whole loop (first step included): less sensitive than
         # wall time to other load on the machine.
-        "cpu_s": cpu_s,
+        "cpu_s": clock.cpu_s,
         "per_step": {
-            "step_s": [round(stamps[0] - train_start, 3)] + [round(s, 3) for s in step_s] if stamps else [],
+            "step_s": [round(stamps[0] - clock.begin, 3)] + [round(s, 3) for s in step_s] if stamps else [],
             "rollout_s": [round(s, 3) for s in rollout_s],
             "completion_length": [round(n, 2) for n in lengths],
             "reward": [round(r, 4) for r in rewards],
         },
-        **machine_facts(),  # peak RSS (and CUDA memory), threads, load
+        **machine_facts(clock),  # peak RSS when training ended (and CUDA memory), RSS at its start, threads, load
         **extra,
     }
-    return result
 
 
 # ---------------------------------------------------------------- the two sides
 
 
 def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
-    """GRPO with tunesmith (`method: grpo`), timed from the stamps and time/* fields of its metrics.jsonl."""
+    """GRPO with tunesmith (`method: grpo`), timed by its loop callbacks (stamps, and the steps' time/* statistics)."""
     import tunesmith
-    import tunesmith.run as run_module
 
     run_dir = workdir / "tunesmith-run"
     completions = PROMPTS_PER_STEP * args.group_size
     cfg = {
         "method": "grpo",
-        "model": "default",  # the parent passes TRL the folder this resolves to
+        "model": args.model_path,  # the folder the parent resolved (by default, the default model's), as TRL's
         "output_dir": str(run_dir),
         "data": {"train": str(workdir / "train.jsonl")},
-        "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": LORA_TARGETS},
+        "lora": dict(LORA),
         "rl": {
             # file-path form: tunesmith imports this very file (its __main__ guard keeps it from running)
             "rewards": [f"{Path(__file__).resolve()}:share_of_e"],
@@ -253,37 +250,21 @@ def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
         "output": {"merge": False, "save_adapter": False},
     }
 
-    loop = run_module.train_loop
-    seen = {"start": 0.0, "cpu_s": 0.0, "rss_at_start": 0.0}
-
-    def timed_loop(**kwargs: Any) -> Any:
-        """tunesmith's own loop, with its start, its CPU time and the RSS before it recorded."""
-        seen["rss_at_start"] = rss_mib()
-        seen["start"] = time.time()
-        cpu = time.process_time()
-        try:
-            return loop(**kwargs)
-        finally:
-            seen["cpu_s"] = time.process_time() - cpu
-
-    run_module.train_loop = timed_loop
-    result = tunesmith.train(cfg)
-    records = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "time/rollout_s" in r]
+    timer = LoopTimer()
+    result = tunesmith.train(cfg, callbacks=[timer])
+    steps = timer.stats  # one dict of statistics per step, as its metrics.jsonl line has them
     return side_result(
         "tunesmith",
-        train_start=seen["start"],
-        stamps=[r["time"] for r in records],
-        rollout_s=[r["time/rollout_s"] for r in records],
-        score_measure_s=[r["time/reward_s"] + r["time/measure_s"] for r in records],
-        lengths=[r["completion_length"] for r in records],
-        rewards=[r["reward"] for r in records],
-        kls=[r["kl"] for r in records if "kl" in r],
+        timer.clock,
+        rollout_s=[r["time/rollout_s"] for r in steps],
+        score_measure_s=[r["time/reward_s"] + r["time/measure_s"] for r in steps],
+        lengths=[r["completion_length"] for r in steps],
+        rewards=[r["reward"] for r in steps],
+        kls=[r["kl"] for r in steps if "kl" in r],
         completions_per_step=completions,
-        cpu_s=seen["cpu_s"],
-        rss_at_train_start_mib=seen["rss_at_start"],
-        tokens=records[-1].get("tokens_seen") if records else None,  # prompt + completion tokens of every step
-        frac_zero_adv_groups=_mean([r.get("frac_zero_adv_groups", 0.0) for r in records]),
-        final_loss=records[-1].get("loss") if records else None,
+        tokens=timer.clock.tokens[-1] if timer.clock.tokens else None,  # prompt + completion tokens of every step
+        frac_zero_adv_groups=_mean([r.get("frac_zero_adv_groups", 0.0) for r in steps]),
+        final_loss=timer.losses[-1] if timer.losses else None,
         trainable_params=result.parameters.get("trainable"),
     )
 
@@ -291,10 +272,9 @@ def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
 def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
     """GRPO with TRL's GRPOTrainer + PEFT LoRA on the same prompts in conversational form."""
     import datasets
-    import peft
     import torch
     import trl
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
 
     class TimedGRPOTrainer(trl.GRPOTrainer):
         """GRPOTrainer that times its generation and its whole generate-and-score phase, per optimizer step."""
@@ -319,24 +299,6 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
             finally:
                 step = self.state.global_step
                 self.prepare_s[step] = self.prepare_s.get(step, 0.0) + time.perf_counter() - start
-
-    class Timer(TrainerCallback):
-        """Wall-clock stamp at the end of every step; CPU time over training."""
-
-        def __init__(self) -> None:
-            self.begin = self.cpu_s = self.cpu_begin = self.rss_at_start = 0.0
-            self.stamps: list[float] = []
-
-        def on_train_begin(self, *_: Any, **__: Any) -> None:
-            self.rss_at_start = rss_mib()
-            self.begin = time.time()
-            self.cpu_begin = time.process_time()
-
-        def on_step_end(self, *_: Any, **__: Any) -> None:
-            self.stamps.append(time.time())
-
-        def on_train_end(self, *_: Any, **__: Any) -> None:
-            self.cpu_s = time.process_time() - self.cpu_begin
 
     records = read_jsonl(workdir / "train.jsonl")
     # The same prompts as tunesmith reads, in TRL's conversational form so TRL applies the chat template.
@@ -378,42 +340,32 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
         eval_strategy="no",
         report_to="none",
     )
-    lora = peft.LoraConfig(
-        task_type=peft.TaskType.CAUSAL_LM,
-        r=LORA_R,
-        lora_alpha=LORA_ALPHA,
-        lora_dropout=LORA_DROPOUT,
-        target_modules=LORA_TARGETS,
-        bias="none",
-    )
-    timer = Timer()
+    timer = trl_timer()
     trainer = TimedGRPOTrainer(
         model=args.model_path,
         reward_funcs=share_of_e,
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=lora,  # with beta > 0 and no ref model: the reference is the policy with its adapter disabled
+        peft_config=peft_lora(),  # with beta > 0 and no ref model: the reference is the policy with its adapter disabled
         callbacks=[timer],
     )
+    timer.trainer = trainer
     trainer.generate_s, trainer.prepare_s = {}, {}
     trainer.train()
     logs = [e for e in trainer.state.log_history if "reward" in e]
-    steps = len(timer.stamps)
+    steps = len(timer.clock.stamps)
     generate = [trainer.generate_s.get(i, 0.0) for i in range(steps)]
     prepare = [trainer.prepare_s.get(i, 0.0) for i in range(steps)]
     return side_result(
         "trl",
-        train_start=timer.begin,
-        stamps=timer.stamps,
+        timer.clock,
         rollout_s=generate,
         score_measure_s=[p - g for p, g in zip(prepare, generate)],
         lengths=[e["completions/mean_length"] for e in logs],
         rewards=[e["reward"] for e in logs],
         kls=[e["kl"] for e in logs if "kl" in e],
         completions_per_step=completions,
-        cpu_s=timer.cpu_s,
-        rss_at_train_start_mib=timer.rss_at_start,
         tokens=int(trainer.state.num_input_tokens_seen),  # prompt + completion tokens of every step
         final_loss=logs[-1].get("loss") if logs else None,
         frac_zero_adv_groups=_mean([e.get("frac_reward_zero_std", 0.0) for e in logs]),  # TRL trains on them anyway
@@ -427,17 +379,15 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
 # ---------------------------------------------------------------- parent
 
 
-def run_side(side: str, args: argparse.Namespace, workdir: Path) -> dict:
-    """Run one side in a child process (so its peak RSS is its own) and read back its result."""
-    child = ["--model-path", args.model_path, "--steps", str(args.steps), "--group-size", str(args.group_size),
-             "--max-new-tokens", str(args.max_new_tokens)]
-    return run_child(Path(__file__).resolve(), side, workdir, child, args.threads)
+def child_args(args: argparse.Namespace) -> list[str]:
+    """The options the parent passes each side's child."""
+    return ["--model-path", args.model_path, "--steps", str(args.steps), "--group-size", str(args.group_size),
+            "--max-new-tokens", str(args.max_new_tokens)]
 
 
 RATIO_KEYS = ("s_per_step", "rollout_s_per_step", "training_s_per_step", "score_measure_s_per_step",
-            "update_s_per_step", "rollout_tokens_per_s", "peak_rss_mib", "peak_cuda_mib", "cpu_s",
-            "timed_mean_completion_length", "mean_completion_length")
-
+              "update_s_per_step", "rollout_tokens_per_s", "peak_rss_mib", "peak_cuda_mib", "cpu_s",
+              "timed_mean_completion_length", "mean_completion_length")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -449,12 +399,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=64,
                    help="longest completion (default 64; TRL max_completion_length)")
     p.add_argument("--data-seed", type=int, default=0, help="seed for building the prompts")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads in each side (default: torch's choice); 1 is steadier on a busy machine")
-    p.add_argument("--sides", default=",".join(SIDES), help="comma-separated sides to run, in order")
-    p.add_argument("--workdir", default=None, help="folder for data and run outputs (default: a new temp folder)")
-    p.add_argument("--side", choices=SIDES, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--model-path", default=None, help="HF folder to train (default: tunesmith's default model)")
+    add_side_options(p)
     args = p.parse_args(argv)
     if args.steps < 1 or args.prompts < 1 or args.max_new_tokens < 1:
         p.error("--steps, --prompts and --max-new-tokens must be at least 1")
@@ -466,43 +411,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Parent: build prompts, run each side in a child, print JSON lines. Child (--side): train and write its result."""
     args = parse_args(argv)
-    if args.side:
-        set_threads(args.threads)
-        result = (run_tunesmith if args.side == "tunesmith" else run_trl)(args, Path(args.workdir))
-        write_result(Path(args.workdir), args.side, result)
+    if run_side_here(args, {"tunesmith": run_tunesmith, "trl": run_trl}):
         return
 
-    sides = chosen_sides(args.sides)
-
-    # Both sides load the same HF folder: by default, the default model as tunesmith imports it from its .gguf.
-    args.model_path = args.model_path or default_model_path()
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tunesmith-bench-grpo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir / "train.jsonl", "w", encoding="utf-8") as f:
-        for row in make_prompts(args.prompts, args.data_seed):
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
+    sides, workdir = start_parent(args, "grpo")
+    write_jsonl(workdir / "train.jsonl", make_prompts(args.prompts, args.data_seed))
     completions = PROMPTS_PER_STEP * args.group_size
-    settings = {
-        "settings": {
-            "prompts": args.prompts, "steps": args.steps, "prompts_per_step": PROMPTS_PER_STEP,
-            "group_size": args.group_size, "completions_per_step": completions,
-            "micro_batch": micro_batch(completions), "max_new_tokens": args.max_new_tokens,
-            "temperature": TEMPERATURE, "top_p": TOP_P, "kl_beta": KL_BETA, "clip_eps": CLIP_EPS, "lr": LR,
-            "loss_normalization": "token (TRL dapo)", "scale_rewards": True, "reward": "share_of_e",
-            "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": LORA_TARGETS},
-            "threads": args.threads, "dtype": train_dtype(), "seed": SEED,
-            "model_path": args.model_path, "workdir": str(workdir),
-        }
-    }
-    print(json.dumps(settings), flush=True)
-    results = {}
-    for side in sides:
-        results[side] = run_side(side, args, workdir)
-        print(json.dumps(results[side]), flush=True)
-    if "tunesmith" in results and "trl" in results:
-        print(json.dumps({"ratio": "tunesmith/trl", **ratios(results["tunesmith"], results["trl"], RATIO_KEYS)}),
-              flush=True)
+    print_line({"settings": {
+        "prompts": args.prompts, "steps": args.steps, "prompts_per_step": PROMPTS_PER_STEP,
+        "group_size": args.group_size, "completions_per_step": completions,
+        "micro_batch": micro_batch(completions), "max_new_tokens": args.max_new_tokens,
+        "temperature": TEMPERATURE, "top_p": TOP_P, "kl_beta": KL_BETA, "clip_eps": CLIP_EPS, "lr": LR,
+        "loss_normalization": "token (TRL dapo)", "scale_rewards": True, "reward": "share_of_e", "lora": LORA,
+        "threads": args.threads, "dtype": train_dtype(), "seed": SEED,
+        "model_path": args.model_path, "workdir": str(workdir),
+    }})
+    results = run_sides(Path(__file__).resolve(), sides, workdir, child_args(args), args.threads)
+    line = ratio_line(results, RATIO_KEYS)
+    if line is not None:
+        print_line(line)
 
 
 if __name__ == "__main__":

@@ -27,42 +27,40 @@ final model is scored on the whole training data with the same code (`final_trai
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import re
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402  (bench/ is not a package; its scripts run as files)
-    SIDES,
-    chosen_sides,
-    default_model_path,
+    LORA,
+    PROMPTS,
+    LoopTimer,
+    StepClock,
+    add_side_options,
+    check_tokens,
     loss_summary,
     machine_facts,
     matmul_gflops,
-    peak_rss_mib,
-    ratios,
-    rss_mib,
-    run_child,
+    peft_lora,
+    print_line,
+    ratio_line,
+    read_jsonl,
+    run_side_here,
+    run_sides,
+    save_trl_tokens,
     set_threads,
+    slice_at_word,
+    start_parent,
     tokenizer_of,
-    write_result,
+    trl_timer,
+    write_jsonl,
 )
 
-PROMPTS = (
-    "Quote the Python language reference on {topic!r}, from the passage that begins “{opening}”.",
-    "What does the Python documentation say about {topic!r}? Start at “{opening}”.",
-    "Recite the section of the Python docs about {topic!r} that opens with “{opening}”, word for word.",
-    "I need the exact text of the Python reference entry {topic!r} beginning with “{opening}”.",
-)
-
-# The settings both sides share; each side's code below maps them to its own config keys.
-LORA_R, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS = 16, 32, 0.0, "all-linear"
+# The settings both sides share (with common.LORA); each side's code below maps them to its own config keys.
 BATCH_SIZE, GRAD_ACCUM, SEED, MAX_GRAD_NORM = 8, 1, 0, 1.0
 JOBS: dict[str, dict[str, Any]] = {
     "lora": {"method": "sft", "lora": True, "lr": 2e-4, "flops_per_param": 4},
@@ -79,14 +77,6 @@ GPU_GOAL = (2.0, 0.4)
 # ---------------------------------------------------------------- data
 
 
-def _slice(text: str, length: int, rng: random.Random) -> str:
-    """A seeded slice of `text` of about `length` characters that starts at a word."""
-    start = rng.randint(0, len(text) - length)
-    match = re.compile(r"(?<=\s)\S").search(text, start)
-    start = match.start() if match and match.start() <= len(text) - length else start
-    return text[start : start + length].rstrip()
-
-
 def _topic_slices(count: int, rng: random.Random, min_chars: int, max_chars: int) -> Iterator[tuple[str, str]]:
     """(topic name, slice of its text) pairs: a seeded length, a topic long enough for it, a slice starting at a word."""
     from pydoc_data.topics import topics
@@ -95,7 +85,7 @@ def _topic_slices(count: int, rng: random.Random, min_chars: int, max_chars: int
     for _ in range(count):
         length = rng.randint(min_chars, max_chars)
         name = rng.choice([n for n in names if len(topics[n]) >= length])
-        yield name, _slice(topics[name], length, rng)
+        yield name, slice_at_word(topics[name], length, rng)
 
 
 def make_rows(num_rows: int, seed: int, min_chars: int = 80, max_chars: int = 1200) -> list[dict[str, str]]:
@@ -114,17 +104,11 @@ def make_texts(num_docs: int, seed: int, min_chars: int = 300, max_chars: int = 
     return [{"text": text} for _, text in _topic_slices(num_docs, rng, min_chars, max_chars)]
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSONL file."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def side_result(side: str, *, tokens: int, train_s: float, cpu_s: float, steps: int, losses: list[float],
-                step_tokens_per_s: list[float], peak_rss: float, **extra: Any) -> dict:
+def side_result(side: str, clock: StepClock, losses: list[float], **extra: Any) -> dict:
     """One side's result line: throughput, time per step, peak memory (when training ended), losses."""
-    ordered = sorted(step_tokens_per_s)
-    facts = machine_facts()
-    facts["peak_rss_mib"] = peak_rss
+    ordered = sorted(clock.step_tokens_per_s())
+    tokens, steps = (clock.tokens[-1] if clock.tokens else 0), len(clock.stamps)
+    train_s, cpu_s = clock.train_s, clock.cpu_s
     return {
         "side": side,
         "tokens_per_s": tokens / train_s if train_s > 0 else None,
@@ -137,7 +121,7 @@ def side_result(side: str, *, tokens: int, train_s: float, cpu_s: float, steps: 
         "cpu_s": cpu_s,
         "tokens_per_cpu_s": tokens / cpu_s if cpu_s > 0 else None,
         "median_step_tokens_per_s": ordered[len(ordered) // 2] if ordered else None,
-        **facts,
+        **machine_facts(clock),  # peak RSS when training ended, RSS at its start, threads, load
         **extra,
     }
 
@@ -149,9 +133,10 @@ def final_train_loss(model: Any, args: argparse.Namespace, workdir: Path) -> flo
 
     from tunesmith.core.next_token import CausalLMLoss
     from tunesmith.data import build_dataset, collate
+    from tunesmith.methods import get_method
 
     tokenizer = tokenizer_of(args.model_path)
-    rows = build_dataset(str(workdir / "train.jsonl"), tokenizer, method=JOBS[args.job]["method"],
+    rows = build_dataset(str(workdir / "train.jsonl"), tokenizer, labels=get_method(JOBS[args.job]["method"]).LABELS,
                          max_length=args.max_length, packing=False).rows
     loss = CausalLMLoss(model)
     device = next(model.parameters()).device
@@ -180,15 +165,14 @@ def tunesmith_batch_size(args: argparse.Namespace, workdir: Path) -> int:
     from tunesmith.data import build_dataset
 
     tokenizer = tokenizer_of(args.model_path)
-    stats = build_dataset(str(workdir / "train.jsonl"), tokenizer, method="sft", max_length=args.max_length,
+    stats = build_dataset(str(workdir / "train.jsonl"), tokenizer, labels="assistant", max_length=args.max_length,
                           packing=True).stats
     return max(1, round(BATCH_SIZE * stats.num_rows / max(stats.num_documents, 1)))
 
 
 def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
-    """The job with tunesmith (its defaults: packed rows, passes of train.forward_tokens), timed by its own loop."""
+    """The job with tunesmith (its defaults: packed rows, passes of train.forward_tokens), timed by its loop callbacks."""
     import tunesmith
-    import tunesmith.run as run_module
 
     job = JOBS[args.job]
     train: dict[str, Any] = {
@@ -204,42 +188,19 @@ def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
         "model": args.model_path,
         "output_dir": str(workdir / "tunesmith-run"),
         "data": {"train": str(workdir / "train.jsonl")},
-        "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": LORA_TARGETS}
-        if job["lora"] else None,
+        "lora": dict(LORA) if job["lora"] else None,
         "train": train,
         "load": {"dtype": "float32" if args.device == "cpu" else "bfloat16"},
         "output": {"merge": False, "save_adapter": False},
     }
-    cpu = {"s": 0.0, "rss_at_start": 0.0, "peak": 0.0, "final_train_loss": 0.0}
-    train_loop = run_module.train_loop
-
-    def timed_loop(**kwargs: Any) -> Any:
-        """tunesmith's own loop, with its process CPU time and the peak memory at its end recorded."""
-        cpu["rss_at_start"] = rss_mib()
-        start = time.process_time()
-        try:
-            out = train_loop(**kwargs)
-        finally:
-            cpu["s"] = time.process_time() - start
-            cpu["peak"] = peak_rss_mib()
-        cpu["final_train_loss"] = final_train_loss(kwargs["model"], args, workdir)  # not timed
-        kwargs["model"].train()
-        return out
-
-    run_module.train_loop = timed_loop
-    result = tunesmith.train(cfg)
-    loop, stats = result.loop, result.train_stats
+    timer = LoopTimer(after=lambda model: final_train_loss(model, args, workdir))  # the loss: after the clock
+    result = tunesmith.train(cfg, callbacks=[timer])
+    stats = result.train_stats
     return side_result(
         "tunesmith",
-        tokens=loop.tokens_seen,
-        train_s=loop.wall_s,
-        cpu_s=cpu["s"],
-        steps=loop.steps,
-        losses=[h["loss"] for h in loop.history if "loss" in h],
-        step_tokens_per_s=[h["tokens_per_s"] for h in loop.history if "tokens_per_s" in h],
-        peak_rss=cpu["peak"],
-        final_train_loss=cpu["final_train_loss"],
-        rss_at_train_start_mib=cpu["rss_at_start"],
+        timer.clock,
+        losses=[loss for loss in timer.losses if loss is not None],
+        final_train_loss=timer.after_result,
         packing=train["packing"],
         rows_per_step=train["batch_size"],
         data_rows=stats.num_rows,
@@ -255,38 +216,10 @@ def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
 def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
     """The job with TRL's SFTTrainer: SFT rows padded (TRL's default), pretraining text packed (bfd_split)."""
     import datasets
-    import peft
-    import torch
     import trl
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
 
     job = JOBS[args.job]
-
-    class Timer(TrainerCallback):
-        """Wall and CPU time from train begin to train end (setup and saving excluded), and tokens/s per step."""
-
-        def __init__(self) -> None:
-            self.trainer: Any = None
-            self.begin = self.end = self.cpu_begin = self.cpu_end = self.rss_at_start = self.peak = 0.0
-            self.last, self.last_tokens = 0.0, 0
-            self.step_tokens_per_s: list[float] = []
-
-        def on_train_begin(self, *_: Any, **__: Any) -> None:
-            self.rss_at_start = rss_mib()
-            self.begin = self.last = time.perf_counter()
-            self.cpu_begin = time.process_time()
-
-        def on_step_end(self, *_: Any, **__: Any) -> None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            now, tokens = time.perf_counter(), int(self.trainer._total_train_tokens)
-            self.step_tokens_per_s.append((tokens - self.last_tokens) / max(now - self.last, 1e-9))
-            self.last, self.last_tokens = now, tokens
-
-        def on_train_end(self, *_: Any, **__: Any) -> None:
-            self.end = time.perf_counter()
-            self.cpu_end = time.process_time()
-            self.peak = peak_rss_mib()
 
     records = read_jsonl(workdir / "train.jsonl")
     if job["method"] == "pretrain":
@@ -324,30 +257,19 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
         report_to="none",
         disable_tqdm=False,
     )
-    lora = peft.LoraConfig(
-        task_type=peft.TaskType.CAUSAL_LM, r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
-        target_modules=LORA_TARGETS, bias="none",
-    ) if job["lora"] else None
-    timer = Timer()
+    timer = trl_timer()
     trainer = trl.SFTTrainer(model=args.model_path, args=config, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=lora, callbacks=[timer])
+                             peft_config=peft_lora() if job["lora"] else None, callbacks=[timer])
     timer.trainer = trainer
     trainer.train()
-    # TRL's own count (its `num_tokens` metric): the attention_mask sum (padded) or the packed length per batch.
-    tokens = int(trainer._total_train_tokens)
+    # Tokens: TRL's own count (its `num_tokens` metric), the attention_mask sum (padded) or the packed length per batch.
     prepared = trainer.train_dataset
     params = list(trainer.model.parameters())  # tied weights once
     result = side_result(
         "trl",
-        tokens=tokens,
-        train_s=timer.end - timer.begin,
-        cpu_s=timer.cpu_end - timer.cpu_begin,
-        steps=trainer.state.global_step,
+        timer.clock,
         losses=[e["loss"] for e in trainer.state.log_history if "loss" in e],
-        step_tokens_per_s=timer.step_tokens_per_s,
-        peak_rss=timer.peak,
         final_train_loss=final_train_loss(trainer.model, args, workdir),  # not timed
-        rss_at_train_start_mib=timer.rss_at_start,
         packing=config.packing,
         rows_per_step=BATCH_SIZE,
         data_rows=len(prepared),
@@ -357,25 +279,20 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
     )
     if job["method"] != "pretrain":
         result["data_trained_tokens"] = sum(sum(1 for x in labels if x != -100) for labels in prepared["labels"])
-        # For the parent's tokenisation check; written after peak RSS was read.
-        tokens_seen = {"input_ids": [list(x) for x in prepared["input_ids"]],
-                       "labels": [list(x) for x in prepared["labels"]]}
-        (workdir / "trl_tokens.json").write_text(json.dumps(tokens_seen))
+        save_trl_tokens(workdir, {"input_ids": prepared["input_ids"], "labels": prepared["labels"]})
     return result
 
 
 # ---------------------------------------------------------------- parent
 
 
-def check_tokens(workdir: Path, model_path: str, max_length: int) -> dict:
-    """Compare TRL's prepared rows with tunesmith's unpacked documents: token ids, and the trained-token masks."""
+def same_rows(tokenizer: Any, trl_rows: dict[str, list[list[int]]], workdir: Path, max_length: int) -> dict:
+    """TRL's prepared rows against tunesmith's unpacked documents: token ids, and the trained-token masks."""
     from tunesmith.data import build_dataset
 
-    tokenizer = tokenizer_of(model_path)
     docs = build_dataset(
-        str(workdir / "train.jsonl"), tokenizer, method="sft", max_length=max_length, packing=False
+        str(workdir / "train.jsonl"), tokenizer, labels="assistant", max_length=max_length, packing=False
     ).rows
-    trl_rows = json.loads((workdir / "trl_tokens.json").read_text())
     pairs = list(zip(docs, trl_rows["input_ids"], trl_rows["labels"]))
     same_ids = sum(d.input_ids == ids for d, ids, _ in pairs)
     only_trl = only_ts = 0
@@ -384,7 +301,6 @@ def check_tokens(workdir: Path, model_path: str, max_length: int) -> dict:
             only_ts += a != -100 and b == -100
             only_trl += a == -100 and b != -100
     return {
-        "check": "tokenisation",
         "rows": [len(docs), len(trl_rows["input_ids"])],
         "rows_with_same_input_ids": same_ids,
         "tokens_trained_only_by_trl": only_trl,
@@ -408,23 +324,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=64, help="SFT rows, and pretraining texts, to build per job (default 64)")
     p.add_argument("--max-length", type=int, default=512, help="tokens per row (default 512)")
     p.add_argument("--data-seed", type=int, default=0, help="seed for building the data")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads in each side (default: torch's choice)")
-    p.add_argument("--sides", default=",".join(SIDES), help="comma-separated sides to run, in order")
     p.add_argument("--gradient-checkpointing", action="store_true", help="turn it on for both sides (off by default)")
     p.add_argument("--no-packing", action="store_true", help="tunesmith without packing (padded rows like TRL)")
     p.add_argument("--same-rows-per-step", action="store_true",
                    help="tunesmith takes 8 packed rows per step, not as many documents per step as TRL's 8 padded rows")
     p.add_argument("--forward-tokens", type=int, default=None,
                    help="tunesmith's train.forward_tokens (default: its own default for the device)")
-    p.add_argument("--model-path", default=None, help="HF folder to train (default: tunesmith's default model)")
-    p.add_argument("--workdir", default=None, help="folder for data and run outputs (default: a new temp folder)")
     p.add_argument("--no-check", action="store_true", help="skip comparing the two sides' tokenisation")
-    p.add_argument("--side", choices=SIDES, default=None, help=argparse.SUPPRESS)
+    add_side_options(p)
     p.add_argument("--job", choices=list(JOBS), default="lora", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rows < 1:
         p.error("--rows must be at least 1")
     return args
+
+
+def child_args(args: argparse.Namespace, job: str) -> list[str]:
+    """The options the parent passes each side's child for `job`."""
+    out = ["--job", job, "--model-path", args.model_path, "--max-length", str(args.max_length)]
+    if args.forward_tokens:
+        out += ["--forward-tokens", str(args.forward_tokens)]
+    out += ["--same-rows-per-step"] * args.same_rows_per_step
+    return out + ["--gradient-checkpointing"] * args.gradient_checkpointing + ["--no-packing"] * args.no_packing
+
+
+def finish_side(result: dict, job: str, rate_gflops: float) -> None:
+    """Name the job in a side's result line and add its MFU."""
+    result["job"] = job
+    add_mfu(result, job, rate_gflops)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -433,52 +360,35 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.side:
-        set_threads(args.threads)
-        result = (run_tunesmith if args.side == "tunesmith" else run_trl)(args, Path(args.workdir))
-        write_result(Path(args.workdir), args.side, result)
+    if run_side_here(args, {"tunesmith": run_tunesmith, "trl": run_trl}):
         return
 
     jobs = [j.strip() for j in args.jobs.split(",") if j.strip()]
     unknown = sorted(set(jobs) - set(JOBS))
     if unknown:
         raise SystemExit(f"--jobs: unknown {', '.join(unknown)}; choose from {', '.join(JOBS)}")
-    sides = chosen_sides(args.sides)
-    args.model_path = args.model_path or default_model_path()
-    root = Path(args.workdir or tempfile.mkdtemp(prefix="tunesmith-bench-sft-"))
+    sides, root = start_parent(args, "sft")
     set_threads(args.threads)
     rate = matmul_gflops()
-    print(json.dumps({"settings": {
+    print_line({"settings": {
         "jobs": jobs, "rows": args.rows, "max_length": args.max_length, "batch_size": BATCH_SIZE,
-        "grad_accum": GRAD_ACCUM, "lr": {j: JOBS[j]["lr"] for j in jobs},
-        "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": LORA_TARGETS},
+        "grad_accum": GRAD_ACCUM, "lr": {j: JOBS[j]["lr"] for j in jobs}, "lora": LORA,
         "gradient_checkpointing": args.gradient_checkpointing, "forward_tokens": args.forward_tokens,
         "device": args.device,
         "dtype": "float32" if args.device == "cpu" else "bfloat16", "threads": torch.get_num_threads(),
         "seed": SEED, "model_path": args.model_path, "workdir": str(root),
         "matmul_gflops": rate,  # the best (2048 x 2048) @ (2048 x 2048) matmul here, measured before the jobs
-    }}), flush=True)
+    }})
     for job in jobs:
         workdir = root / job
         workdir.mkdir(parents=True, exist_ok=True)
         records = make_texts(args.rows, args.data_seed) if JOBS[job]["method"] == "pretrain" else make_rows(
             args.rows, args.data_seed)
-        with open(workdir / "train.jsonl", "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        child_args = ["--job", job, "--model-path", args.model_path, "--max-length", str(args.max_length)]
-        if args.forward_tokens:
-            child_args += ["--forward-tokens", str(args.forward_tokens)]
-        child_args += ["--same-rows-per-step"] * args.same_rows_per_step
-        child_args += ["--gradient-checkpointing"] * args.gradient_checkpointing + ["--no-packing"] * args.no_packing
-        results = {}
-        for side in sides:
-            results[side] = run_child(Path(__file__).resolve(), side, workdir, child_args, args.threads)
-            results[side]["job"] = job
-            add_mfu(results[side], job, rate)
-            print(json.dumps(results[side]), flush=True)
-        if "tunesmith" in results and "trl" in results:
-            line = {"job": job, "ratio": "tunesmith/trl", **ratios(results["tunesmith"], results["trl"], RATIO_KEYS)}
+        write_jsonl(workdir / "train.jsonl", records)
+        results = run_sides(Path(__file__).resolve(), sides, workdir, child_args(args, job), args.threads,
+                            partial(finish_side, job=job, rate_gflops=rate))
+        line = ratio_line(results, RATIO_KEYS, job=job)
+        if line is not None:
             speed_goal, memory_goal = GPU_GOAL if args.device == "cuda" else GOALS[job]
             memory = line.get("peak_cuda_mib") or line.get("peak_rss_mib")
             line[f"goal_tokens_per_s_ge_{speed_goal}"] = (line.get("tokens_per_s") or 0) >= speed_goal
@@ -486,9 +396,10 @@ def main(argv: list[str] | None = None) -> None:
             line["goal_final_train_loss_within_2pct"] = (line.get("final_train_loss") or 9.0) <= 1.02
             if job == "lora":
                 line["goal_mfu_ge_0.5"] = (results["tunesmith"].get("mfu") or 0) >= 0.5
-            print(json.dumps(line), flush=True)
+            print_line(line)
         if "trl" in results and JOBS[job]["method"] != "pretrain" and not args.no_check:
-            print(json.dumps({"job": job, **check_tokens(workdir, args.model_path, args.max_length)}), flush=True)
+            compare = partial(same_rows, max_length=args.max_length)
+            print_line({"job": job, **check_tokens(workdir, args.model_path, compare)})
 
 
 if __name__ == "__main__":
