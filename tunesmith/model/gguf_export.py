@@ -787,15 +787,18 @@ def check_gguf(path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenize
         del reloaded
     result = CheckResult(len(prompts), 0, tokenizer_agree=same_ids, from_original=taken)
     for conversation, w, g in zip(prompts, want, got):
+        same = next((i for i, (a, b) in enumerate(zip(w.token_ids, g.token_ids)) if a != b),
+                    min(len(w.token_ids), len(g.token_ids)))
         result.tokens += len(w.token_ids)
-        result.matched += next((i for i, (a, b) in enumerate(zip(w.token_ids, g.token_ids)) if a != b),
-                               min(len(w.token_ids), len(g.token_ids)))
+        result.matched += same
         if w.token_ids == g.token_ids:
             result.agree += 1
         elif result.first_difference is None:
             prompt = next(m["content"] for m in reversed(conversation) if m["role"] == "user")
-            result.first_difference = (f"{_short(prompt)!r}: original {_short(w.text)!r}, from the file "
-                                       f"{_short(g.text)!r}")
+            head = "" if same == 0 else f"after {same} equal tokens, "
+            mine = _short(tokenizer.decode(w.token_ids[same:], skip_special_tokens=True), 50) or "(the end)"
+            theirs = _short(file_tokenizer.decode(g.token_ids[same:], skip_special_tokens=True), 50) or "(the end)"
+            result.first_difference = f"{_short(prompt, 60)!r}: {head}original {mine!r}, from the file {theirs!r}"
     return result
 
 
