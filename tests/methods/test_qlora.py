@@ -168,3 +168,36 @@ def test_quantize_without_lora_is_refused(tmp_path: Path) -> None:
     with pytest.raises(TunesmithError, match=r"load.quantize: expected 'nf4' | 'int8' or null, got 'nf3'"):
         load_config({"model": "m", "output_dir": str(tmp_path), "data": {"train": "t.jsonl"},
                      "load": {"quantize": "nf3"}})
+
+
+def test_a_dora_run_is_served_beside_a_lora_run_of_the_same_base(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from tunesmith.model import save_adapter
+    from tunesmith.model.generate import GenerationSettings
+    from tunesmith.serve import load_models
+
+    load = LoadConfig()
+    resolved = resolve_model(str(tiny_model_dir), load)
+    tokenizer = load_tokenizer(resolved, load)
+    for seed, (name, dora) in enumerate((("plain", False), ("dora", True))):
+        model = apply_lora(load_model(resolved, load, device=CPU), LoraConfig(r=4, alpha=8, dropout=0.0, use_dora=dora))
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for key, param in model.named_parameters():
+                if "lora_" in key:
+                    param.add_(torch.randn(param.shape, generator=gen) * 0.3)
+        save_adapter(model, tokenizer, tmp_path / name / "adapter")
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump({"model": str(tiny_model_dir)}))
+
+    settings = GenerationSettings(max_new_tokens=6)
+    prompt = tokenizer("Say apple 2 times")["input_ids"]
+
+    def answers(names: list[str]) -> dict[str, list[int]]:
+        served = load_models([(None, str(tmp_path / n)) for n in names])
+        try:
+            return {n: s.engine.generate(prompt, settings, adapter=s.adapter).token_ids for n, s in served.items()}
+        finally:
+            for s in served.values():
+                s.engine.stop()
+
+    together = answers(["plain", "dora"])  # peft cannot pick DoRA per row: the DoRA run gets its own engine
+    assert together == {**answers(["plain"]), **answers(["dora"])}
