@@ -187,7 +187,7 @@ def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCall
         if not resuming:
             (run_dir / "metrics.jsonl").write_text("")
         print(
-            f"tunesmith {cfg.method}: {resolved.spec} ({'LoRA r=' + str(cfg.lora.r) if cfg.lora else 'full'}; "
+            f"tunesmith {cfg.method}: {resolved.spec} ({_adapter_words(cfg)}; "
             f"{trainable:,} of {total:,} parameters trained) on {info.world_size} x {info.device.type}\n"
             f"  train: {train_data.stats.summary()}"
             + (f"\n  eval:  {eval_data.stats.summary()}" if eval_data else ""),
@@ -253,6 +253,14 @@ def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCall
         trackers.finish(tracker_summary(result), artifacts)
         print(format_summary(result), flush=True)
     return result
+
+
+def _adapter_words(cfg: Config) -> str:
+    """How the run trains, for its first line: 'full', or e.g. 'DoRA r=16 on an nf4 base'."""
+    if cfg.lora is None:
+        return "full"
+    words = f"{'DoRA' if cfg.lora.use_dora else 'LoRA'} r={cfg.lora.r}{' rsLoRA' if cfg.lora.use_rslora else ''}"
+    return words + (f" on an {cfg.load.quantize} base" if cfg.load.quantize else "")
 
 
 def output_notes(cfg: Config, model: torch.nn.Module, outputs: dict[str, str]) -> list[str]:
