@@ -149,11 +149,6 @@ def quantized_weight(module: torch.nn.Module) -> bool:
     return type(getattr(module, "weight", None)).__name__ in ("Params4bit", "Int8Params")
 
 
-def is_quantized(model: torch.nn.Module) -> bool:
-    """Whether `model` (or the model a PeftModel wraps) holds bitsandbytes-quantized weights."""
-    return any(quantized_weight(m) for m in model.modules())
-
-
 @torch.no_grad()
 def dequantized_weight(module: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """A new `dtype` tensor: the weight of a bitsandbytes linear (`quantized_weight`) de-quantized."""
