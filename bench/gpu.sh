@@ -8,12 +8,13 @@
 #
 # The run needs python3 with a CUDA build of torch. Wheels in .whl/ are installed into /tmp/site first when
 # present. It writes, under OUT_DIR (default $OUT, else /tmp/tunesmith-gpu-bench): gpu.txt (the card),
-# sft.jsonl (LoRA SFT, full SFT, continued pretraining), dpo.jsonl, grpo.jsonl, and each one's log.
+# sft.jsonl (LoRA SFT, full SFT, continued pretraining), dpo.jsonl, grpo.jsonl, qlora.jsonl (LoRA against
+# QLoRA nf4 and int8, bitsandbytes), and each one's log.
 # Goal on GPU (issue "Performance"): >= 2x TRL's tokens/s at <= 0.4x its peak GPU memory (peak_cuda_mib).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-WHEELS="transformers tokenizers huggingface_hub hf_xet peft trl datasets accelerate dill multiprocess xxhash fsspec safetensors"
+WHEELS="transformers tokenizers huggingface_hub hf_xet peft trl datasets accelerate dill multiprocess xxhash fsspec safetensors bitsandbytes"
 
 if [ "${1:-}" = "wheels" ]; then
     pin() { .venv/bin/python -c "import importlib.metadata as m; print(m.version('$1'))"; }
@@ -50,4 +51,6 @@ python3 bench/dpo.py --model-path "$model" --pairs 64 --steps 8 --workdir /tmp/t
     | tee "$out/dpo.jsonl"
 python3 bench/grpo.py --model-path "$model" --steps 4 --workdir /tmp/tunesmith-gpu-grpo 2> "$out/grpo.log" \
     | tee "$out/grpo.jsonl"
-echo "wrote $out: gpu.txt sft.jsonl dpo.jsonl grpo.jsonl and their logs"
+python3 bench/qlora.py --model-path "$model" --rows 256 --sides lora,nf4,int8 --workdir /tmp/tunesmith-gpu-qlora \
+    2> "$out/qlora.log" | tee "$out/qlora.jsonl"
+echo "wrote $out: gpu.txt sft.jsonl dpo.jsonl grpo.jsonl qlora.jsonl and their logs"

@@ -1,10 +1,10 @@
-"""QLoRA against LoRA on the same run: peak RSS, tokens/s and losses of LoRA SFT on a float32 base, on a base held in
+"""QLoRA against LoRA on the same run: peak RSS, tokens/s and losses of LoRA SFT on a full-precision base, on a base held in
 4-bit NF4 (or 8-bit) by bitsandbytes (`load.quantize`, what tunesmith uses), and on a base held in torchao's NF4 tensor.
 
 Every side is the same tunesmith run (bench/sft.py's LoRA job: its rows, LoRA r=16 on all linear layers, 8 documents
 a step, constant lr), timed through the loop's callbacks, each in its own process so its peak RSS is its own:
 
-  lora          the float32 base (load.quantize: null)
+  lora          the full-precision base (load.quantize: null; float32 on CPU, bfloat16 on CUDA)
   nf4, int8     load.quantize: nf4 / int8 (bitsandbytes, quantized as the weights load)
   torchao_nf4   the float32 base loaded, then, before the first step, every LoRA layer's frozen base weight replaced by
                 torchao's NF4Tensor (block 64, as QLoRA); F.linear on it de-quantizes and multiplies, with a backward.
@@ -12,7 +12,8 @@ a step, constant lr), timed through the loop's callbacks, each in its own proces
 
     python bench/qlora.py --rows 32 --sides lora,nf4,torchao_nf4,int8
 
-Each side prints one JSON line; the last line gives each side's tokens/s and peak RSS over the lora side's.
+Each side prints one JSON line (peak_cuda_mib too on a GPU); the last line gives each side's tokens/s and peak RSS
+over the lora side's.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from common import (
     rss_mib,
     run_child,
     set_threads,
+    train_dtype,
     write_jsonl,
 )
 from sft import make_rows, side_result
@@ -83,7 +85,7 @@ def run_side(args: argparse.Namespace, workdir: Path) -> dict:
         "train": {"batch_size": args.batch_size, "grad_accum": 1, "lr": LR, "weight_decay": 0.0, "warmup_ratio": 0.0,
                   "min_lr_ratio": 1.0, "max_grad_norm": 1.0, "max_length": args.max_length, "seed": SEED,
                   "save_every": 0, "eval_every": 0, "epochs": 1},
-        "load": {"dtype": "float32", "quantize": side if side in ("nf4", "int8") else None},
+        "load": {"dtype": train_dtype(), "quantize": side if side in ("nf4", "int8") else None},
         "output": {"merge": False, "save_adapter": False},
     }
     timer = TorchaoNF4() if side == "torchao_nf4" else LoopTimer()
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     write_jsonl(workdir / "train.jsonl", make_rows(args.rows, SEED))
     print_line({"settings": {"sides": sides, "rows": args.rows, "max_length": args.max_length,
-                             "batch_size": args.batch_size, "lr": LR, "lora": LORA, "dtype": "float32",
+                             "batch_size": args.batch_size, "lr": LR, "lora": LORA, "dtype": train_dtype(),
                              "threads": args.threads, "model_path": args.model_path, "workdir": str(workdir),
                              "versions": versions()}})
     child = ["--model-path", args.model_path, "--max-length", str(args.max_length), "--batch-size", str(args.batch_size)]
