@@ -3,7 +3,8 @@
 # config with random weights and a tokenizer trained on the spot: nothing is downloaded.
 #
 #   bash bench/gpu.sh wheels     # on a machine with pip access: put the Python packages the GPU machine may
-#                                # lack (the versions this checkout's .venv uses) in .whl/ (about 25 MB)
+#                                # lack (the versions this checkout's .venv uses) in .whl/ (about 25 MB,
+#                                # plus bitsandbytes' wheel, which holds its CUDA kernels: 125 MB installed)
 #   bash bench/gpu.sh [OUT_DIR]  # on the GPU machine, from the repository root: run everything (a few minutes)
 #
 # The run needs python3 with a CUDA build of torch. Wheels in .whl/ are installed into /tmp/site first when
