@@ -7,7 +7,8 @@ a step, constant lr), timed through the loop's callbacks, each in its own proces
   lora          the full-precision base (load.quantize: null; float32 on CPU, bfloat16 on CUDA)
   nf4, int8     load.quantize: nf4 / int8 (bitsandbytes, quantized as the weights load)
   torchao_nf4   the float32 base loaded, then, before the first step, every LoRA layer's frozen base weight replaced by
-                torchao's NF4Tensor (block 64, as QLoRA); F.linear on it de-quantizes and multiplies, with a backward.
+                torchao's NF4Tensor (block 64, as QLoRA) and the other frozen weights copied out of the memory-mapped
+                file (as load.quantize does); F.linear on NF4 de-quantizes and multiplies, with a backward.
                 Not a tunesmith option: measured here to choose the CPU backend of `load.quantize`.
 
     python bench/qlora.py --rows 32 --sides lora,nf4,torchao_nf4,int8
@@ -66,6 +67,10 @@ class TorchaoNF4(LoopTimer):
                 weight = base.weight.detach()
                 nf4 = to_nf4(weight, 64, nf4_scaler_block(weight.numel() // 64))
                 base.weight = torch.nn.Parameter(nf4, requires_grad=False)
+        with torch.no_grad():  # as load.quantize does on CPU: nothing left a view of the memory-mapped weights file
+            for param in model.parameters():
+                if not param.requires_grad and type(param.data).__name__ != "NF4Tensor":
+                    param.data = param.data.clone()
         gc.collect()
         self.rss_before_quantizing = before
         super().on_train_begin(model, step)
