@@ -11,7 +11,8 @@ a step, constant lr), timed through the loop's callbacks, each in its own proces
                 file (as load.quantize does); F.linear on NF4 de-quantizes and multiplies, with a backward.
                 Not a tunesmith option: measured here to choose the CPU backend of `load.quantize`.
 
-    python bench/qlora.py --rows 32 --sides lora,nf4,torchao_nf4,int8
+    python bench/qlora.py --rows 32 --threads 1                                    # lora, nf4, int8
+    python bench/qlora.py --rows 32 --threads 1 --sides torchao_nf4,int8,nf4,lora  # torchao too (the bench extra)
 
 Each side prints one JSON line (peak_cuda_mib too on a GPU); the last line gives each side's tokens/s and peak RSS
 over the lora side's.
@@ -117,7 +118,8 @@ def versions() -> dict[str, str | None]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated sides, in order (default {','.join(SIDES)})")
+    p.add_argument("--sides", default="lora,nf4,int8",
+                   help=f"comma-separated sides, in order, of {', '.join(SIDES)} (default lora,nf4,int8)")
     p.add_argument("--rows", type=int, default=32, help="SFT rows to build (default 32)")
     p.add_argument("--max-length", type=int, default=512, help="tokens per row (default 512)")
     p.add_argument("--batch-size", type=int, default=3, help="packed rows per step (default 3: about 8 documents)")
