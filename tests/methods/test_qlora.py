@@ -20,8 +20,6 @@ from tunesmith.config import LoadConfig, LoraConfig, load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.model import apply_lora, load_model, load_tokenizer, resolve_model, save_merged
 
-pytest.importorskip("bitsandbytes")
-
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 IDS = torch.tensor([[1, 5, 9, 40, 77, 120, 3, 200], [1, 300, 17, 2, 88, 41, 60, 7]])
