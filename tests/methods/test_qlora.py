@@ -197,3 +197,23 @@ def test_a_dora_run_is_served_beside_a_lora_run_of_the_same_base(tmp_path: Path,
 
     together = answers(["plain", "dora"])  # peft cannot pick DoRA per row: the DoRA run gets its own engine
     assert together == {**answers(["plain"]), **answers(["dora"])}
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_decoding_weights_of_a_quantized_model_compute_its_forward(tiny_model_dir: Path, kind: str) -> None:
+    from tunesmith.model.decoding import can_pack, decoding_weights
+
+    load = LoadConfig(quantize=kind)
+    model = apply_lora(load_model(resolve_model(str(tiny_model_dir), load), load, device=CPU),
+                       LoraConfig(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    before = _logits(model)
+    with torch.no_grad(), decoding_weights(model) as how:
+        inside = _logits(model)
+    assert how == ("packed" if can_pack() else "plain")  # the 4-bit weights de-quantized once, not at every token
+    torch.testing.assert_close(inside, before, atol=MERGE_ATOL[kind], rtol=0)
+    assert torch.equal(_logits(model), before)  # and put back as they were

@@ -145,8 +145,12 @@ def merged_weight(layer: torch.nn.Module, active: list[str]) -> torch.Tensor:
 
 
 def quantized_weight(module: torch.nn.Module) -> bool:
-    """Whether `module` is a bitsandbytes linear whose own weight is stored in 4 or 8 bits (`load.quantize`)."""
-    return type(getattr(module, "weight", None)).__name__ in ("Params4bit", "Int8Params")
+    """Whether `module` is a bitsandbytes linear whose own weight is stored in 4 or 8 bits (`load.quantize`).
+
+    Its own: a LoRA layer over such a linear shows the base layer's weight as `.weight` too, but is not one.
+    """
+    weight = dict(module.named_parameters(recurse=False)).get("weight")
+    return type(weight).__name__ in ("Params4bit", "Int8Params")
 
 
 @torch.no_grad()
