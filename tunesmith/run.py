@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,7 +74,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+# Settings a resumed run may change: they decide memory use, how often things are written, and where the run
+# lives, never the maths of a step (gradient checkpointing recomputes the same activations; forward_tokens and
+# micro_batch_size split a batch into passes with the same sums). Anything else makes a different run.
+RESUME_MAY_CHANGE = frozenset({
+    "output_dir", "train.forward_tokens", "train.gradient_checkpointing", "train.save_every",
+    "train.save_every_minutes", "train.keep_checkpoints", "train.log_every", "rl.micro_batch_size",
+})
+# Of those, the ones that draw dropout masks per pass: the run goes on correctly, but not bit for bit as it would have
+PASS_SPLITS = frozenset({"train.forward_tokens", "rl.micro_batch_size"})
+
+
+def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
     diffs = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
@@ -81,7 +93,7 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += _config_diff(a, b, where + ".")
         elif a != b:
-            diffs.append(f"{where}: checkpoint has {a!r}, now {b!r}")
+            diffs.append((where, f"{where}: checkpoint has {a!r}, now {b!r}"))
     return diffs
 
 
@@ -115,19 +127,35 @@ def check_run_dir(cfg: Config) -> bool:
     import yaml
 
     # output_dir may differ: a run folder that was moved or copied resumes where it now is; so may the
-    # trackers (`log`), which change nothing in training: one added on resume gets the whole run replayed
-    old = {**(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}), "output_dir": cfg.output_dir}
+    # trackers (`log`), which change nothing in training (one added on resume gets the whole run replayed), and
+    # the memory and bookkeeping settings of RESUME_MAY_CHANGE
+    old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
     new = cfg.to_dict()
     for section in (old, new):
         section.pop("log", None)
-    diffs = _config_diff(old, new)
+    diffs = [text for key, text in _config_diff(old, new) if key not in RESUME_MAY_CHANGE]
     if diffs:
         raise TunesmithError(
             f"output_dir {str(run_dir)!r} has a checkpoint from a different config; resuming needs the same "
-            "settings (use a new output_dir to train with new ones):",
+            "settings (use a new output_dir to train with new ones; only memory and bookkeeping settings may "
+            f"change: {', '.join(sorted(RESUME_MAY_CHANGE - {'output_dir'}))}):",
             problems=diffs,
         )
     return True
+
+
+def changed_on_resume(cfg: Config) -> list[str]:
+    """The memory and bookkeeping settings a resumed run changes, each as a line for the user."""
+    import yaml
+
+    saved = yaml.safe_load((Path(cfg.output_dir) / "config.yaml").read_text(encoding="utf-8")) or {}
+    lines = []
+    for key, text in _config_diff(saved, cfg.to_dict()):
+        if key in RESUME_MAY_CHANGE - {"output_dir"}:
+            note = ("; dropout masks are drawn per pass, so the run goes on correctly but no longer bit for bit as "
+                    "it would have" if key in PASS_SPLITS and cfg.lora and cfg.lora.dropout > 0 else "")
+            lines.append(f"resuming with a changed setting, {text}{note}")
+    return lines
 
 
 def train(source: Config | dict[str, Any] | str | Path, overrides: list[str] | None = None, *,
@@ -181,6 +209,8 @@ def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCall
         run_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire()  # one train per folder: refuses a live one, takes over a killed one's
         resuming = check_run_dir(cfg)  # again: no other train can change the folder from here on
+        for line in changed_on_resume(cfg) if resuming else []:
+            print(line, file=sys.stderr)
         save_config(cfg, run_dir / "config.yaml")
         if not resuming:
             (run_dir / "metrics.jsonl").write_text("")
