@@ -75,7 +75,8 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from tunesmith.serve import serve
 
-    serve(args.models, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch)
+    serve(args.models, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+          threads=args.threads)
     return 0
 
 
@@ -165,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve.add_argument("--port", type=int, default=8000)
     p_serve.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every request")
     p_serve.add_argument("--max-batch", type=int, default=32, help="most requests decoded together")
+    p_serve.add_argument("--threads", type=int, metavar="N", help="CPU threads for decoding (default: every core); "
+                         "on a machine busy with other work, fewer avoid slowing every request")
     p_serve.set_defaults(func=_cmd_serve)
 
     p_eval = sub.add_parser("eval", help="generate answers on a data file, score them, measure perplexity")
