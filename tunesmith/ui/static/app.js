@@ -236,12 +236,16 @@ async function showNew() {
         ? `<select id="${id}" name="${esc(key.key)}">${key.choices.map(c => `<option value="${esc(c)}">${esc(key.key === "lora" ? (c === "null" ? "full fine-tuning (lora: null)" : "LoRA adapter") : c)}</option>`).join("")}</select>`
         : `<input id="${id}" name="${esc(key.key)}" spellcheck="false" autocomplete="off">`;
       const field = h(`<div class="field" data-key="${esc(key.key)}"><label for="${id}">${esc(key.key)}</label>${input}
-        <div class="doc">${esc(key.doc)} <span class="default">(default: ${esc(key.default)}; ${esc(key.type)})</span></div>
+        <div class="doc">${esc(key.doc)} <span class="default">(default: ${esc(key.key === "lora" ? "LoRA adapter" : key.default)}${key.widget === "text" ? "; " + esc(key.type) : ""})</span></div>
         <div class="msg"></div></div>`);
       field.dataset.methods = key.methods.join(",");
       $(".fields", box).appendChild(field);
       const el = $("input, select", field);
       el.value = values[key.key] ?? key.default;
+      if (key.widget === "text" && key.default === "null") {
+        el.placeholder = "null (not set)";
+        if (el.value === "null") el.value = values[key.key] = "";
+      }
       el.addEventListener("input", () => { values[key.key] = el.value; changed(); });
     }
     box.dataset.methods = section.methods.join(",");
@@ -261,7 +265,8 @@ async function showNew() {
       f.hidden = !!(m && !m.split(",").includes(method));
       const key = f.dataset.key;
       const def = schema.sections.flatMap(s => s.keys).find(k => k.key === key).default;
-      f.classList.toggle("changed", (values[key] ?? def) !== def);
+      const now = values[key] ?? def;
+      f.classList.toggle("changed", now !== def && !(now === "" && def === "null"));
     });
   };
   const runCheck = async () => {
