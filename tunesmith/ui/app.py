@@ -274,9 +274,9 @@ def create_ui_app(runs: Path, *, token: str | None = None) -> Any:
         out = Path(checked["output_dir"])
         run_dir_of(out.name)
         items = [i for i in checked["overrides"] if not i.startswith("output_dir=")] + [f"output_dir={out}"]
-        from tunesmith.config import apply_overrides
+        from tunesmith.config import load_config
 
-        job = jobs.launch(runs, "train", out.name, ["train", *items], config=apply_overrides({}, items))
+        job = jobs.launch(runs, "train", out.name, ["train", *items], config=load_config({}, items).to_dict())
         return JSONResponse({**checked, "name": out.name, "job": job.to_dict()})
 
     @app.post("/api/inspect")

@@ -86,12 +86,20 @@ const CHARTS = [
   { id: "kl", title: "KL to the reference (RL)", rl: true, series: [["kl", "KL per token", "#c0392b"]] },
 ];
 
+function axisText(v) {
+  if (v === 0) return "0";
+  const a = Math.abs(v);
+  if (a >= 1e4) return Math.round(v).toLocaleString("en");
+  if (a >= 0.01) return String(+v.toPrecision(3));
+  return v.toExponential(1);
+}
+
 function makeChart(el, spec) {
   const width = Math.max(300, el.clientWidth - 4);
   const opts = {
-    width, height: 220, legend: { live: true },
+    width, height: 220, legend: { live: false },
     scales: { x: { time: false } },
-    axes: [{ label: "step" }, { size: 60 }],
+    axes: [{ label: "step" }, { size: 64, values: (u, ticks) => ticks.map(axisText) }],
     series: [{ label: "step" }, ...spec.series.map(([key, label, color]) => ({
       label, stroke: color, width: 2, spanGaps: true,
       points: { show: key.startsWith("eval"), size: 6, fill: color },
@@ -133,16 +141,24 @@ function showRun(name) {
   ensureCharts();
   cleanup.push(() => { for (const c of Object.values(charts)) c.plot.destroy(); });
 
+  let shown = {}, batches = 0;
   const addRecords = records => {
+    const live = batches++ > 0;  // the first batch holds the lines written before the page connected
     const written = [];
     for (const rec of records) {
-      if (rec.time) written.push(rec.time * 1000);
+      if (rec.time && live) written.push(rec.time * 1000);
       for (const c of Object.values(charts)) {
         const keys = c.spec.series.map(s => s[0]);
         if (!keys.some(k => typeof rec[k] === "number")) continue;
         c.data[0].push(rec.step);
         keys.forEach((k, i) => c.data[i + 1].push(typeof rec[k] === "number" ? rec[k] : null));
       }
+    }
+    const last = records.filter(r => typeof r.loss === "number").pop();
+    if (last) {  // the step counter moves with the curve; the status stream adds the ETA
+      const total = shown.total_steps;
+      $("#run-steps").textContent = `step ${last.step}${total ? " of " + total : ""}`;
+      if (total) $("#run-bar").style.width = `${Math.min(100, 100 * last.step / total)}%`;
     }
     for (const c of Object.values(charts)) {
       c.plot.setData(c.data);
@@ -157,6 +173,7 @@ function showRun(name) {
   const reset = () => { for (const c of Object.values(charts)) { c.data.forEach(a => a.length = 0); c.plot.setData(c.data); c.el.dataset.points = "0"; } };
 
   const status = info => {
+    shown = info;
     if (info.rl && !rl) { rl = true; ensureCharts(); }
     $("#run-badge").innerHTML = badge(info.status);
     $("#run-detail").innerHTML = `<span class="${info.status === "failed" ? "err" : ""}">${esc(info.detail)}</span>`;
@@ -184,8 +201,14 @@ function showRun(name) {
           <div class="small">${esc(Object.entries(s.rewards || {}).map(([k, v]) => `${k} ${fmt(v, 3)}`).join(", "))}</div></td></tr>`).join("")}
         </tbody></table>`;
     }
-    $("#log").innerHTML = info.log_tail && info.status !== "finished"
-      ? `<h2>Output of the train command</h2><pre>${esc(info.log_tail)}</pre>` : "";
+    if (info.log_tail && !$("#log details")) {
+      $("#log").innerHTML = `<details ${info.status === "failed" ? "open" : ""}><summary><strong>Output of the train command</strong>
+        <span class="small">(its log: ${esc(info.log)})</span></summary><pre></pre></details>`;
+    }
+    if (info.log_tail) {
+      $("#log pre").textContent = info.log_tail;
+      if (info.status === "failed") $("#log details").open = true;
+    }
   };
   $("#stop").onclick = async () => {
     $("#stop").disabled = true;
@@ -312,7 +335,7 @@ async function showNew() {
     try {
       const r = await api("/api/inspect", { path: values["data.train"], model: values.model,
         max_length: Number(values["train.max_length"]) || 1024, format: values["data.format"] });
-      const text = esc(r.text).replace(/\[\[([\s\S]*?)\]\]/g, "<mark>$1</mark>");
+      const text = esc(r.text).replace("inside [[ ]]", "highlighted").replace(/\[\[([\s\S]*?)\]\]/g, "<mark>$1</mark>");
       $("#preview").innerHTML = `<p class="small"><code>${esc(r.command)}</code></p><pre id="preview-text">${text}</pre>`;
     } catch (e) { $("#preview").innerHTML = `<p class="err">${esc(e.message)}</p>`; }
   };
