@@ -183,7 +183,7 @@ def run_row(runs: Path, name: str, job: Job | None = None) -> RunRow:
     if live is not None:
         row.status, row.detail = "running", f"training (pid {live})"
     elif (run_dir / SUMMARY).is_file():
-        row.status, row.detail = "finished", "finished"
+        row.status, row.detail = "finished", "finished: its outputs and summary.json are written"
         try:
             summary = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
             row.last_loss = _finite(summary.get("final_loss")) if row.last_loss is None else row.last_loss

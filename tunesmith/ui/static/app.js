@@ -64,7 +64,7 @@ function showRuns() {
       <tr class="run" data-run="${esc(r.name)}">
         <td><a href="#/run/${encodeURIComponent(r.name)}">${esc(r.name)}</a></td>
         <td>${esc(r.method || "–")}</td><td class="small">${esc(r.model || "–")}</td>
-        <td>${badge(r.status)}<div class="small ${r.status === "failed" ? "err" : ""}">${esc(shorten(r.detail, 160))}</div></td>
+        <td>${badge(r.status)}${r.status === "finished" ? "" : `<div class="small ${r.status === "failed" ? "err" : ""}">${esc(shorten(r.detail, 160))}</div>`}</td>
         <td class="num">${progress(r)}</td><td class="num">${fmt(r.last_loss)}</td>
         <td class="num">${duration(r.wall_s)}</td>
         <td class="small">${r.headline.length ? esc(r.headline.join(" ")) : (r.status === "finished" ? "no report" : "–")}</td>
@@ -98,7 +98,8 @@ function makeChart(el, spec) {
   const width = Math.max(300, el.clientWidth - 4);
   const opts = {
     width, height: 220, legend: { live: false },
-    scales: { x: { time: false } },
+    scales: { x: { time: false }, y: { range: (u, min, max) => min === max  // a flat series (a reward of 0 so far) still shows
+      ? [min - (Math.abs(min) || 1) * 0.5, max + (Math.abs(max) || 1) * 0.5] : uPlot.rangeNum(min, max, 0.1, true) } },
     axes: [{ label: "step" }, { size: 64, values: (u, ticks) => ticks.map(axisText) }],
     series: [{ label: "step" }, ...spec.series.map(([key, label, color]) => ({
       label, stroke: color, width: 2, spanGaps: true,
@@ -122,8 +123,8 @@ function showRun(name) {
       <div class="bar big"><div id="run-bar" style="width:0%"></div></div></div>
     <div class="grid" id="charts"></div>
     <div id="samples"></div>
-    <h2>Report: base vs tuned</h2><div id="report" class="card small">The report appears here when the run has
-      finished its base-vs-tuned evaluation.</div>
+    <h2>Report: base vs tuned</h2><div id="report" class="card small">The report appears here once the run has
+      evaluated the tuned model against its base on held-out rows (<code>data.test</code>, or sft's <code>data.eval</code>).</div>
     <h2>Resolved config</h2><pre id="config" class="config">–</pre>
     <div id="log"></div>`;
   $("#run-name").textContent = name;
@@ -132,7 +133,7 @@ function showRun(name) {
   const ensureCharts = () => {
     for (const spec of CHARTS) {
       if (charts[spec.id] || (spec.rl && !rl)) continue;
-      const box = h(`<div class="card chart"><h3>${esc(spec.title)}</h3><div class="plot" data-chart="${spec.id}" data-points="0"></div></div>`);
+      const box = h(`<div class="card chart"><h3>${esc(spec.title)} <span class="small nodata">· no values logged yet</span></h3><div class="plot" data-chart="${spec.id}" data-points="0"></div></div>`);
       $("#charts").appendChild(box);
       charts[spec.id] = makeChart($(".plot", box), spec);
     }
@@ -144,6 +145,7 @@ function showRun(name) {
   let shown = {}, batches = 0;
   const addRecords = records => {
     const live = batches++ > 0;  // the first batch holds the lines written before the page connected
+    if (!rl && records.some(r => "reward" in r || "kl" in r)) { rl = true; ensureCharts(); }
     const written = [];
     for (const rec of records) {
       if (rec.time && live) written.push(rec.time * 1000);
@@ -154,7 +156,7 @@ function showRun(name) {
         keys.forEach((k, i) => c.data[i + 1].push(typeof rec[k] === "number" ? rec[k] : null));
       }
     }
-    const last = records.filter(r => typeof r.loss === "number").pop();
+    const last = records.filter(r => "lr" in r).pop();  // a training step's line (eval lines have no lr)
     if (last) {  // the step counter moves with the curve; the status stream adds the ETA
       const total = shown.total_steps;
       $("#run-steps").textContent = `step ${last.step}${total ? " of " + total : ""}`;
@@ -163,6 +165,7 @@ function showRun(name) {
     for (const c of Object.values(charts)) {
       c.plot.setData(c.data);
       c.el.dataset.points = String(c.data[0].length);
+      c.el.parentElement.querySelector(".nodata").hidden = c.data[0].length > 0;
     }
     // the points are on screen at the next frame: that is when a metric line has reached the chart
     requestAnimationFrame(() => {
