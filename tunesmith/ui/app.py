@@ -182,6 +182,7 @@ def create_ui_app(runs: Path, *, token: str | None = None) -> Any:
     async def events_run(name: str, request: Request) -> StreamingResponse:
         run_dir = run_dir_of(name)
         path = run_dir / "metrics.jsonl"
+        await asyncio.to_thread(detail, name)  # 404 now for a run that is not there, rather than a broken stream
 
         async def stream():
             offset, pending, last_status, next_status = 0, b"", None, 0.0
@@ -210,7 +211,11 @@ def create_ui_app(runs: Path, *, token: str | None = None) -> Any:
                         yield f"event: metrics\ndata: {json.dumps(records)}\n\n"
                 if time.time() >= next_status:
                     next_status = time.time() + STATUS_POLL_S
-                    info = await asyncio.to_thread(detail, name)
+                    try:
+                        info = await asyncio.to_thread(detail, name)
+                    except HTTPException as exc:  # the folder went away while the page watched it
+                        yield f"event: gone\ndata: {json.dumps({'error': str(exc.detail)})}\n\n"
+                        return
                     text = json.dumps(info)
                     if text != last_status:
                         last_status = text
@@ -391,9 +396,18 @@ def _yaml(path: Path) -> dict[str, Any]:
 
 def ui(runs: str | Path = "runs", *, host: str = "127.0.0.1", port: int = 7860, token: str | None = None) -> None:
     """Serve the dashboard until interrupted (the `tunesmith ui` command)."""
+    import socket
+
     import uvicorn
 
     runs = Path(runs).expanduser().resolve()
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+    except OSError as exc:
+        raise TunesmithError(f"--host {host} --port {port}: cannot listen there ({exc.strerror}); another program may "
+                             "use the port: give another with --port") from None
     if host not in LOCAL and token is None:
         token = secrets.token_urlsafe(18)
     app = create_ui_app(runs, token=token)

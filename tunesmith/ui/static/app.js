@@ -221,7 +221,10 @@ function showRun(name) {
     $("#resume").disabled = true;
     try { toast(`resuming: ${(await api(`/api/runs/${encodeURIComponent(name)}/resume`, {})).command}`); } catch (e) { toast(e.message); }
   };
-  stream(`/api/events/run/${encodeURIComponent(name)}`, { metrics: addRecords, status, reset });
+  const gone = info => { $("#run-detail").innerHTML = `<span class="err">${esc(info.error)}</span>`; };
+  const source = stream(`/api/events/run/${encodeURIComponent(name)}`, { metrics: addRecords, status, reset, gone });
+  source.addEventListener("gone", () => source.close());
+  api(`/api/runs/${encodeURIComponent(name)}`).catch(e => { source.close(); gone({ error: e.message }); });
 }
 
 // ---------------------------------------------------------------- new run
