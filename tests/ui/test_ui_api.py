@@ -117,6 +117,9 @@ def test_form_gives_the_command_lines_messages_beside_their_fields(runs: Path, t
     assert checked["cli"].startswith("tunesmith train ") and "train.max_steps=5" in checked["cli"]
     assert yaml.safe_load(checked["yaml"])["train"] == {"max_steps": 5, "lr": 0.001}
 
+    checked = forms.check({**values, "output_dir": "my-run"}, runs)  # a bare name is a folder of the runs folder
+    assert checked["ok"] and f"output_dir={runs.resolve() / 'my-run'}" in checked["overrides"]
+
 
 def test_schema_documents_every_key_and_hides_other_methods(runs: Path) -> None:
     schema = forms.schema()

@@ -121,7 +121,12 @@ def field_of(problem: str, keys: list[str]) -> str | None:
 
 
 def check(values: dict[str, str], runs: Path) -> dict[str, Any]:
-    """Check the form as `tunesmith train` would: {ok, problems: [{field, message}], overrides, cli, yaml}."""
+    """Check the form as `tunesmith train` would: {ok, problems: [{field, message}], overrides, cli, yaml}.
+
+    An output_dir given as a bare name is that folder of `runs`."""
+    name = (values.get("output_dir") or "").strip()
+    if name and "/" not in name and name not in (".", ".."):
+        values = {**values, "output_dir": str(runs.resolve() / name)}
     items = overrides(values)
     keys = [k.key for s in sections() for k in s.keys] + [LORA_KEY]
     problems: list[dict[str, Any]] = []
