@@ -182,15 +182,16 @@ def test_form_to_finished_run_report_and_chat(dashboard, page) -> None:
     page.wait_for_selector(f'#choices input[value="run:{name}"]')
     for box in page.locator("#choices input").all():
         box.uncheck()
-    page.check(f'#choices input[value="run:{name}"]')
     page.check(f'#choices input[value="base:{name}"]')
+    page.check(f'#choices input[value="run:{name}"]')
     page.fill("#prompt", "Say apple 2 times")
     page.click("#send")
     page.wait_for_function("document.querySelector('#finish-0')?.textContent.startsWith('finished')"
                            " && document.querySelector('#finish-1')?.textContent.startsWith('finished')",
                            timeout=60_000)
-    assert page.inner_text(".answer >> nth=0 >> h3") == name
-    assert page.inner_text("#answer-0").strip()  # the tuned model answered, streamed through serve's endpoint
+    assert page.inner_text(".answer >> nth=1 >> h3") == name
+    assert page.inner_text("#answer-1").strip()  # the tuned model answered, streamed through serve's endpoint
+
     page.screenshot(path=str(dashboard["shots"] / "chat.png"), full_page=True)
 
 

@@ -129,3 +129,26 @@ def test_schema_documents_every_key_and_hides_other_methods(runs: Path) -> None:
     assert keys["output.gguf"]["choices"][-1] == "null"
     assert forms.applies("rl.rewards", "grpo") and not forms.applies("rl.rewards", "sft")
     assert not forms.applies("data.test", "reward") and forms.applies("train.lr", "reward")
+
+
+def test_compare_launches_the_command_with_the_base_first(runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastapi.testclient import TestClient
+
+    from tunesmith.ui import jobs
+
+    _run(runs, "done", 3, finished=True)
+    launched = []
+    monkeypatch.setattr(jobs, "launch", lambda root, kind, name, args, **kw: launched.append((kind, args)) or
+                        Job(id="c", kind=kind, name=name, argv=args, log=root / "c.log", record=root / "c.json",
+                            started=time.time()))
+    client = TestClient(create_ui_app(runs))
+    assert client.post("/api/compare", json={"models": ["run:done"], "data": "d.jsonl"}).status_code == 400
+    response = client.post("/api/compare", json={"models": ["base:done", "run:done", "other/model"],
+                                                 "data": "d.jsonl", "limit": 4})
+    assert response.status_code == 200, response.text
+    ((kind, args),) = launched
+    out = args[args.index("--out") + 1]
+    assert kind == "compare" and args[:3] == ["compare", "--base", "default"]
+    assert args[args.index("--model") + 1] == f"done={runs.resolve() / 'done'}" and "other-model=other/model" in args
+    assert Path(out).parent == runs.resolve() / ".tunesmith-ui" / "compare" and args[-2:] == ["--limit", "4"]
+    assert client.post("/api/compare", json={"models": ["run:..", "default"], "data": "d"}).status_code == 403

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import threading
 import time
@@ -338,8 +339,9 @@ def create_ui_app(runs: Path, *, token: str | None = None) -> Any:
         choices = []
         for r in rows:
             if r.status == "finished" and r.method != "reward":
-                choices.append({"id": f"run:{r.name}", "label": f"{r.name} (tuned, {r.method})"})
+                # the base first: it is the left answer in chat and the base of a comparison
                 choices.append({"id": f"base:{r.name}", "label": f"{r.name}'s base: {r.model}"})
+                choices.append({"id": f"run:{r.name}", "label": f"{r.name} (tuned, {r.method})"})
         return {"choices": choices}
 
     @app.post("/api/compare")
@@ -356,7 +358,7 @@ def create_ui_app(runs: Path, *, token: str | None = None) -> Any:
         out = runs / jobs.STATE_DIR / "compare" / name
         args = ["compare", "--base", items[0][1], "--data", data, "--out", str(out)]
         for n, s in items[1:]:
-            args += ["--model", f"{n.replace('=', '-').replace(' ', '_')}={s}"]
+            args += ["--model", f"{re.sub(r'[^A-Za-z0-9._-]+', '-', n).strip('-')}={s}"]  # a label that is a file name too
         if body.get("limit"):
             args += ["--limit", str(int(body["limit"]))]
         if body.get("max_new_tokens"):

@@ -173,7 +173,7 @@ function showRun(name) {
       for (const t of written) window.tunesmith.latencies.push(now - t);
     });
   };
-  const reset = () => { for (const c of Object.values(charts)) { c.data.forEach(a => a.length = 0); c.plot.setData(c.data); c.el.dataset.points = "0"; } };
+  const reset = () => { batches = 0; for (const c of Object.values(charts)) { c.data.forEach(a => a.length = 0); c.plot.setData(c.data); c.el.dataset.points = "0"; } };
 
   const status = info => {
     shown = info;
@@ -224,6 +224,8 @@ function showRun(name) {
   const gone = info => { $("#run-detail").innerHTML = `<span class="err">${esc(info.error)}</span>`; };
   const source = stream(`/api/events/run/${encodeURIComponent(name)}`, { metrics: addRecords, status, reset, gone });
   source.addEventListener("gone", () => source.close());
+  // each connection (a reconnect too) starts from the first line of metrics.jsonl: start the charts over with it
+  source.addEventListener("open", reset);
   api(`/api/runs/${encodeURIComponent(name)}`).catch(e => { source.close(); gone({ error: e.message }); });
 }
 
@@ -369,7 +371,7 @@ async function showChat() {
       <div class="card"><div class="row"><input class="wide" id="cmp-data" placeholder="data file with prompts and reference answers (.jsonl, .csv, ...)" style="flex:1">
         <label class="small">rows <input id="cmp-limit" value="20" size="4"></label>
         <button id="compare">Run tunesmith compare</button></div>
-        <p class="small">The first model picked is the base the others are compared with. The comparison runs as its
+        <p class="small">The first model in the list that is ticked is the base the others are compared with. The comparison runs as its
           own process; its report opens below when written.</p><div id="jobs"></div></div>
     </div><div class="side"><div class="card"><h3 style="margin:0 0 6px;font-size:13px">Models</h3>
       <div class="choices" id="choices"><p class="small">loading…</p></div>
