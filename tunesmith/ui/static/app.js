@@ -440,7 +440,10 @@ async function streamAnswer(model, prompt, out, finish) {
       if (chunk.error) { out.textContent += `\n[${chunk.error.message}]`; continue; }
       const choice = chunk.choices[0];
       if (choice && choice.delta && choice.delta.content) out.textContent += choice.delta.content;
-      if (choice && choice.finish_reason) finish.textContent = `finished: ${choice.finish_reason}`;
+      if (choice && choice.finish_reason) {
+        finish.textContent = `finished: ${choice.finish_reason}`
+          + (out.textContent.trim() ? "" : ` (the answer is ${out.textContent.length ? "only whitespace" : "empty"})`);
+      }
     }
   }
 }
