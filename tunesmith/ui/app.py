@@ -413,7 +413,7 @@ def ui(runs: str | Path = "runs", *, host: str = "127.0.0.1", port: int = 7860, 
     if host not in LOCAL and token is None:
         token = secrets.token_urlsafe(18)
     app = create_ui_app(runs, token=token)
-    shown = f"[{host}]" if ":" in host else host
+    shown = socket.gethostname() if host in ("0.0.0.0", "::") else f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
     print(f"tunesmith ui: runs in {runs}\n  open {url}\n"
           + ("  (bound beyond this machine: every request needs the token)\n" if host not in LOCAL else "")
