@@ -48,9 +48,9 @@ def _config(model_dir: Path, tmp: Path, method: str, out: str, batch_size: int) 
     if method == "grpo":  # LoRA; minibatches of 3 often fall on one rank only: the other trains a zero-weight batch
         cfg["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0}
         cfg["rl"]["minibatch_size"] = 3
-    else:  # full fine-tuning (a frozen reference), whitening of scores and advantages, the adaptive KL
+    else:  # full fine-tuning (a frozen reference), a reward model, whitening of scores and advantages, adaptive KL
         cfg["lora"] = None
-        cfg["rl"]["minibatch_size"] = 6
+        cfg["rl"].update(minibatch_size=6, reward_model=str(tmp / "rm"), reward_model_weight=0.5)
         cfg["ppo"] = {"whiten_rewards": True, "adaptive_kl": True, "kl_target": 0.01, "kl_horizon": 100}
     return cfg
 
@@ -74,6 +74,13 @@ def _calls(path: Path) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("method", ["grpo", "ppo"])
 def test_two_ranks_equal_one_process(method: str, tmp_path: Path, tiny_model_dir: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    if method == "ppo":  # a reward model, loaded by each rank to score the completions it holds
+        from tests.helpers import run_config
+        from tests.methods.test_preference_methods import TRAIN_WORDS, pair_rows
+
+        pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(TRAIN_WORDS))
+        tunesmith.train({**run_config(tiny_model_dir, pairs, tmp_path / "rm", max_steps=3, batch_size=8, lr=1e-2,
+                                      max_length=64), "method": "reward"})
     one = _config(tiny_model_dir, tmp_path, method, "one", batch_size=PROMPTS)
     two = _config(tiny_model_dir, tmp_path, method, "two", batch_size=PROMPTS // 2)
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
@@ -89,6 +96,8 @@ def test_two_ranks_equal_one_process(method: str, tmp_path: Path, tiny_model_dir
         for key in x:
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-5), f"step {x['step']}: {key}"
     assert all(m["num_updates"] > 0 for m in a[:-1]) and "eval_reward" in a[-1]
+    if method == "ppo":
+        assert all("reward/reward_model" in m for m in a[:-1]) and "eval_reward/reward_model" in a[-1]
     _assert_close(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), atol=1e-5)
     # the same answers were sampled, scored and written, whatever rank held them
     samples = [(tmp_path / run / "samples.jsonl").read_text() for run in ("one", "two")]
