@@ -13,6 +13,7 @@ One step, in call order (the loop calls `RLObjective.train_step`, rollout/step.p
   measure     reference log-probs (no old pass when   rollout/step.py `measure` (`measures_old_logps` here)
               one update per step: ratio is 1)
   advantages  group-relative, zero groups dropped     here: `GrpoObjective.advantages` -> ops/rl.py `group_advantages`
+              (a group is on one rank: local maths)
   update      clipped surrogate + β·k3 KL, normalised  here: `GrpoObjective.forward` -> ops/rl.py `clipped_policy_loss`,
                                                       `kl_k3`; through the loop's `StepTools.update`
 """

@@ -13,7 +13,7 @@ One step, in call order (the loop calls `RLObjective.train_step`, rollout/step.p
   score       reward model and/or reward functions    rollout/rewards.py `RewardSet.score`
   measure     old and reference log-probs, values     rollout/step.py `measure` (`measure_values` here)
   advantages  KL-penalised token rewards, GAE,        here: `PpoObjective.advantages` -> ops/rl.py `kl_k1`, `gae`,
-              whitening                               `whiten`
+              whitening (over every rank's answers)   `whiten`; rollout/step.py `gathered`
   update      clipped policy + value losses, over     here: `PpoObjective.forward` -> ops/rl.py `clipped_policy_loss`,
               update_epochs x minibatches             `clipped_value_loss`; through the loop's `StepTools.update`
   after_step  the adaptive KL coefficient             here: `PpoObjective.after_step` -> ops/rl.py `AdaptiveKLController`
