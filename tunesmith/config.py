@@ -117,7 +117,7 @@ class RewardConfig:
 
 @dataclass(kw_only=True)
 class RLConfig:
-    """Rollouts and rewards of the RL methods (grpo, ppo); train.batch_size counts prompts per step."""
+    """Rollouts and rewards of the RL methods (grpo, ppo); train.batch_size counts prompts per step and rank."""
 
     rewards: list[str] = field(default_factory=list, metadata=_doc("reward functions: exact_match, contains, json_equal, regex:PATTERN, length_penalty:N, or module:function(prompts, completions, **fields) -> list[float]"))
     reward_weights: list[float] | None = field(default=None, metadata=_doc("one weight per entry of rewards (default 1 each)"))
@@ -130,8 +130,8 @@ class RLConfig:
     top_k: int = field(default=0, metadata=_doc("top-k sampling of the rollouts (0 = off)"))
     stop: list[str] = field(default_factory=list, metadata=_doc("a completion ends at the first of these strings"))
     update_epochs: int = field(default=1, metadata=_doc("passes over each batch of rollouts (GRPO's mu, PPO epochs)"))
-    minibatch_size: int | None = field(default=None, metadata=_doc("completions per optimizer update; null = one update over all of a step's completions per pass"))
-    micro_batch_size: int = field(default=8, metadata=_doc("completions per forward pass (memory only; the maths is the same)"))
+    minibatch_size: int | None = field(default=None, metadata=_doc("completions per optimizer update, drawn from every rank's; null = one update over all of a step's completions per pass"))
+    micro_batch_size: int = field(default=8, metadata=_doc("completions per forward pass on each rank (memory only; the maths is the same)"))
     share_prompts: bool = field(default=True, metadata=_doc("train the completions of one prompt as a tree that holds the prompt once (same maths, less compute; needs SDPA attention, used when the model has it)"))
     clip_eps: float = field(default=0.2, metadata=_doc("PPO/GRPO ratio clip epsilon"))
     kl_coef: float = field(default=0.04, metadata=_doc("weight of the KL penalty to the reference (GRPO's beta; PPO's initial coefficient)"))

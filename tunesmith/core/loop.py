@@ -250,14 +250,20 @@ class Updater:
         self.forward_tokens = cfg.forward_tokens or DEFAULT_FORWARD_TOKENS.get(info.device.type)
         self.skipped = 0  # updates skipped for a non-finite loss or gradient norm
 
-    def update(self, micro: list[dict[str, torch.Tensor]]) -> StepOutcome:
-        """Forward and backward every micro-batch, then clip and step; returns the update's loss and statistics."""
+    def update(self, micro: list[dict[str, torch.Tensor]], *,
+               filler: dict[str, torch.Tensor] | None = None) -> StepOutcome:
+        """Forward and backward every micro-batch, then clip and step; returns the update's loss and statistics.
+        `filler` (see `StepTools.update`) runs with its loss times zero when this rank has no micro-batch."""
         info = self.info
         count = torch.tensor([sum(self.objective.count(mb) for mb in micro)], dtype=torch.float64, device=info.device)
         all_reduce_sum(count, info)
         global_count = max(count.item(), 1.0)
         loss_acc = torch.zeros((), dtype=torch.float64, device=info.device)
         totals: dict[str, torch.Tensor] = {}
+        if not micro and info.enabled and filler is not None:
+            # DDP all-reduces gradients in every rank's backward: a rank without data still takes part, adding zero
+            loss_sum, _, _ = self.ddp_module(**_to_device(filler, info.device))
+            (loss_sum * 0.0).backward()
         for i, mb in enumerate(micro):
             last = i == len(micro) - 1
             sync = nullcontext() if (last or not info.enabled) else self.ddp_module.no_sync()
