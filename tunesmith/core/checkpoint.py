@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,7 +278,11 @@ def _write_files(tmp: Path, weights: dict[str, torch.Tensor] | None, optimizer: 
 
 def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The trainable weights and the optimizer state by parameter name, as this rank holds them (its shards)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     return {"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)),
             "optim": get_optimizer_state_dict(model, optimizer)}
@@ -310,7 +315,9 @@ def _save_sharded(root: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
     try:
         with open(tmp / f"rng-rank{info.rank}.pt", "wb") as fh:  # each rank draws its own dropout masks
             torch.save(rng_state(), fh)
-        dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(tmp / SHARDED_DIR), no_dist=not info.enabled)
+        with warnings.catch_warnings():  # one process writing all of a checkpoint is what DCP warns about, and meant
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(tmp / SHARDED_DIR), no_dist=not info.enabled)
         barrier(info)
         if info.is_main:
             _write_files(tmp, None, None, scheduler, state, info)
@@ -375,13 +382,18 @@ def load_checkpoint(
 
 def _load_sharded(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load a DCP checkpoint's weights and optimizer state into this rank's shards (or whole tensors on one rank)."""
+    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     state = _sharded_state(model, optimizer)
-    import torch.distributed as dist
-
-    dcp.load(state, checkpoint_id=str(ckpt / SHARDED_DIR), no_dist=not (dist.is_available() and dist.is_initialized()))
+    with warnings.catch_warnings():  # one process reading all of a checkpoint is what DCP warns about, and meant
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, checkpoint_id=str(ckpt / SHARDED_DIR), no_dist=not (dist.is_available() and dist.is_initialized()))
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, optimizer, state["optim"])
 

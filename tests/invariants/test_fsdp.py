@@ -1,0 +1,155 @@
+"""train.distributed: fsdp on the gloo backend: 2 ranks = 1 rank, a killed run resumes on another number of ranks,
+and two "nodes" of one rank each = one node of two ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import tunesmith
+from tests.conftest import write_jsonl
+from tests.helpers import run_config, write_chat
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS, KILL_AT = 6, 3  # checkpoints at steps 2 and 4; a kill after step 3 resumes from step 2
+
+KILLED_AT_STEP = str(REPO / "tests/invariants/killed_at_step.py")  # a run that SIGKILLs itself after a step
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"})
+    return env
+
+
+def _torchrun(*args: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+
+
+def _train(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _config(tmp: Path, model_dir: Path, name: str, batch_size: int, *, method: str = "sft", lora: bool = False,
+            data: Path | None = None) -> Path:
+    cfg = run_config(model_dir, data or write_chat(tmp, 24), tmp / name, max_steps=STEPS, batch_size=batch_size,
+                     lr=1e-3, max_length=64, save_every=2, distributed="fsdp")
+    cfg["method"] = method
+    cfg["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"} if lora else None
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    for rel in ("adapter/adapter_model.safetensors", "model/model.safetensors", "reward_model/model.safetensors"):
+        if (run_dir / rel).exists():
+            return load_file(str(run_dir / rel))
+    raise AssertionError(f"no saved weights in {run_dir}")
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same(a: Path, b: Path, atol: float) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+    torch.testing.assert_close(torch.tensor(_losses(a)), torch.tensor(_losses(b)), atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
+    """Uninterrupted full fine-tuning runs under fsdp: one rank (batch 8) and two ranks (batch 4 each)."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    one, two = _config(tmp, tiny_model_dir, "one", 8), _config(tmp, tiny_model_dir, "two", 4)
+    tunesmith.train(str(one))
+    _train(_torchrun("-m", "tunesmith.cli", "train", str(two)))
+    return {"tmp": tmp, "one": tmp / "one", "two": tmp / "two"}
+
+
+def test_two_ranks_equal_one_rank(baseline: dict[str, Path]) -> None:
+    _assert_same(baseline["one"], baseline["two"], atol=1e-5)
+    assert len(_losses(baseline["two"])) == STEPS
+    # the checkpoint really is sharded: one DCP file per rank, each with part of the weights and optimizer
+    ckpt = baseline["two"] / "checkpoints/step-0000004"
+    assert json.loads((ckpt / "checkpoint.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in (ckpt / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+
+def _assert_resumed(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"] == 2 and summary["steps"] == STEPS
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))
+
+
+def _killed(cmd: list[str], run_dir: Path) -> None:
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0, "the run finished before it could be killed"
+    assert not (run_dir / "summary.json").exists()
+    assert (run_dir / "checkpoints/step-0000002/checkpoint.json").is_file()
+
+
+def test_killed_two_rank_run_resumes_on_one_rank(baseline: dict[str, Path], tiny_model_dir: Path) -> None:
+    tmp = baseline["tmp"]
+    cfg = _config(tmp, tiny_model_dir, "two_then_one", 4)
+    _killed(_torchrun(KILLED_AT_STEP, str(cfg), str(KILL_AT)), tmp / "two_then_one")
+    # on one rank the same global batch is 8 rows: batch_size may change on resume, the global batch may not
+    tunesmith.train(str(cfg), ["train.batch_size=8"])
+    _assert_resumed(tmp / "two_then_one")
+    _assert_same(baseline["two"], tmp / "two_then_one", atol=1e-6)
+
+
+def test_killed_one_rank_run_resumes_on_two_ranks(baseline: dict[str, Path], tiny_model_dir: Path) -> None:
+    tmp = baseline["tmp"]
+    cfg = _config(tmp, tiny_model_dir, "one_then_two", 8)
+    _killed([sys.executable, KILLED_AT_STEP, str(cfg), str(KILL_AT)],
+            tmp / "one_then_two")
+    _train(_torchrun("-m", "tunesmith.cli", "train", str(cfg), "train.batch_size=4"))
+    _assert_resumed(tmp / "one_then_two")
+    _assert_same(baseline["one"], tmp / "one_then_two", atol=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_equal_one_node(baseline: dict[str, Path], tiny_model_dir: Path) -> None:
+    tmp = baseline["tmp"]
+    cfg = _config(tmp, tiny_model_dir, "two_nodes", 4)
+    port = _free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}",
+                               "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+                               "-m", "tunesmith.cli", "train", str(cfg)],
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    for node in nodes:
+        _, err = node.communicate(timeout=600)
+        assert node.returncode == 0, err[-3000:]
+    _assert_same(baseline["two"], tmp / "two_nodes", atol=1e-6)
+
+
+@pytest.mark.parametrize(("method", "lora"), [("dpo", True), ("reward", False)])
+def test_preference_methods_two_ranks_equal_one_rank(tmp_path: Path, tiny_model_dir: Path, method: str,
+                                                     lora: bool) -> None:
+    rows = [{"prompt": f"Say {i}", "chosen": f"{i} {i}", "rejected": f"{i + 1}"} for i in range(16)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    one = _config(tmp_path, tiny_model_dir, "one", 8, method=method, lora=lora, data=data)
+    two = _config(tmp_path, tiny_model_dir, "two", 4, method=method, lora=lora, data=data)
+    tunesmith.train(str(one))
+    _train(_torchrun("-m", "tunesmith.cli", "train", str(two)))
+    _assert_same(tmp_path / "one", tmp_path / "two", atol=1e-5)
