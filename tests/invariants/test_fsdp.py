@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -86,6 +87,21 @@ def test_two_ranks_equal_one_rank(baseline: dict[str, Path]) -> None:
     ckpt = baseline["two"] / "checkpoints/step-0000004"
     assert json.loads((ckpt / "checkpoint.json").read_text())["world_size"] == 2
     assert sorted(p.name for p in (ckpt / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+
+def test_damaged_sharded_checkpoint_is_never_resumed(baseline: dict[str, Path], tmp_path: Path) -> None:
+    from tunesmith.core import checkpoint as ckpt
+
+    good = baseline["two"] / "checkpoints/step-0000004"
+    assert ckpt.damage(good) is None
+    flipped, lost = shutil.copytree(good, tmp_path / "step-0000004"), shutil.copytree(good, tmp_path / "lost")
+    shard = flipped / "dcp/__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert "dcp/__1_0.distcp does not match its checksum" in (ckpt.damage(flipped) or "")
+    (lost / "dcp/__0_0.distcp").unlink()
+    assert "dcp/__0_0.distcp is missing" in (ckpt.damage(lost) or "")
 
 
 def _assert_resumed(run_dir: Path) -> None:
