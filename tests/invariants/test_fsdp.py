@@ -41,10 +41,13 @@ def _train(cmd: list[str]) -> None:
 
 
 def _config(tmp: Path, model_dir: Path, name: str, batch_size: int, *, method: str = "sft", lora: bool = False,
-            data: Path | None = None) -> Path:
+            data: Path | None = None, eval_data: Path | None = None) -> Path:
     cfg = run_config(model_dir, data or write_chat(tmp, 24), tmp / name, max_steps=STEPS, batch_size=batch_size,
                      lr=1e-3, max_length=64, save_every=2, distributed="fsdp")
     cfg["method"] = method
+    if eval_data is not None:  # unpacked, 9 rows: on 2 ranks of batch 4, rank 0 runs 2 eval batches, rank 1 one
+        cfg["data"]["eval"] = str(eval_data)
+        cfg["train"].update(packing=False, eval_every=3)
     cfg["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"} if lora else None
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -58,8 +61,9 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     raise AssertionError(f"no saved weights in {run_dir}")
 
 
-def _losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def _losses(run_dir: Path, key: str = "loss") -> list[float]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line[key] for line in lines if key in line]
 
 
 def _assert_same(a: Path, b: Path, atol: float) -> None:
@@ -67,7 +71,8 @@ def _assert_same(a: Path, b: Path, atol: float) -> None:
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
-    torch.testing.assert_close(torch.tensor(_losses(a)), torch.tensor(_losses(b)), atol=atol, rtol=0)
+    for key in ("loss", "eval_loss"):
+        torch.testing.assert_close(torch.tensor(_losses(a, key)), torch.tensor(_losses(b, key)), atol=atol, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -162,10 +167,12 @@ def test_two_nodes_equal_one_node(baseline: dict[str, Path], tiny_model_dir: Pat
 @pytest.mark.parametrize(("method", "lora"), [("dpo", True), ("reward", False)])
 def test_preference_methods_two_ranks_equal_one_rank(tmp_path: Path, tiny_model_dir: Path, method: str,
                                                      lora: bool) -> None:
-    rows = [{"prompt": f"Say {i}", "chosen": f"{i} {i}", "rejected": f"{i + 1}"} for i in range(16)]
-    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    one = _config(tmp_path, tiny_model_dir, "one", 8, method=method, lora=lora, data=data)
-    two = _config(tmp_path, tiny_model_dir, "two", 4, method=method, lora=lora, data=data)
+    rows = [{"prompt": f"Say {i}", "chosen": f"{i} {i}", "rejected": f"{i + 1}"} for i in range(25)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows[:16])
+    held_out = write_jsonl(tmp_path / "eval.jsonl", rows[16:])
+    one = _config(tmp_path, tiny_model_dir, "one", 8, method=method, lora=lora, data=data, eval_data=held_out)
+    two = _config(tmp_path, tiny_model_dir, "two", 4, method=method, lora=lora, data=data, eval_data=held_out)
     tunesmith.train(str(one))
     _train(_torchrun("-m", "tunesmith.cli", "train", str(two)))
     _assert_same(tmp_path / "one", tmp_path / "two", atol=1e-5)
+    assert len(_losses(tmp_path / "two", "eval_loss")) == 2  # after steps 3 and 6
