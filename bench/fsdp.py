@@ -3,7 +3,8 @@ the same model, data and global batch.
 
 Run from the repository root:
 
-    python bench/fsdp.py [--modes ddp,fsdp] [--nproc 2] [--rows 32] [--max-length 256] [--steps 4] [--threads 1]
+    python bench/fsdp.py [--modes ddp,fsdp] [--nproc 2] [--rows 32] [--max-length 256] [--batch-size 2] [--steps 4]
+                         [--threads 1] [--gradient-checkpointing]
 
 The parent builds prompt/completion rows (seeded slices of CPython's pydoc topics, as bench/sft.py does), then for
 each mode launches `torchrun --standalone --nproc-per-node N bench/fsdp.py --mode MODE` (gloo on CPU, NCCL on
@@ -44,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=2, help="rows per rank per step")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per rank")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="train.gradient_checkpointing: recompute activations, so the model's state dominates memory")
     p.add_argument("--model-path", default=None, help="HF folder to train (default: tunesmith's default model)")
     p.add_argument("--workdir", default=None, help="folder for data and runs (default: a new temp folder)")
     p.add_argument("--mode", choices=MODES, default=None, help=argparse.SUPPRESS)  # a rank of one run
@@ -60,7 +63,7 @@ def config(args: argparse.Namespace, workdir: Path, mode: str) -> dict[str, Any]
         "lora": None,
         "train": {"max_steps": args.steps, "batch_size": args.batch_size, "lr": 2e-5, "max_length": args.max_length,
                   "warmup_ratio": 0.0, "eval_every": 0, "save_every": 0, "save_every_minutes": 0, "seed": 0,
-                  "distributed": mode},
+                  "distributed": mode, "gradient_checkpointing": args.gradient_checkpointing},
         "log": {"report_to": []},
     }
 
@@ -79,6 +82,7 @@ def run_rank(args: argparse.Namespace) -> None:
     tokens = clock.tokens[-1] if clock.tokens else 0
     result = {
         "bench": "fsdp", "mode": args.mode, "rank": rank, "ranks": int(os.environ.get("WORLD_SIZE", "1")),
+        "max_length": args.max_length, "batch_size": args.batch_size, "gradient_checkpointing": args.gradient_checkpointing,
         "steps": len(clock.stamps), "tokens": tokens, "train_s": clock.train_s,
         "tokens_per_s": tokens / clock.train_s if clock.train_s > 0 else None,
         "losses": [round(x, 5) if x is not None else None for x in timer.losses],
@@ -108,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                __file__, "--mode", mode, "--workdir", str(workdir), "--model-path", args.model_path,
                "--rows", str(args.rows), "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
-               "--steps", str(args.steps), "--threads", str(args.threads)]
+               "--steps", str(args.steps), "--threads", str(args.threads),
+               *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         (workdir / f"{mode}.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:

@@ -109,6 +109,26 @@ def test_damaged_sharded_checkpoint_is_never_resumed(baseline: dict[str, Path], 
     assert "dcp/__0_0.distcp is missing" in (ckpt.damage(lost) or "")
 
 
+def test_resume_on_other_ranks_needs_the_same_global_batch(baseline: dict[str, Path], tmp_path: Path) -> None:
+    from tunesmith.config import load_config
+    from tunesmith.errors import TunesmithError
+    from tunesmith.run import check_run_dir
+
+    run = shutil.copytree(baseline["one"], tmp_path / "one")  # checkpoints of 1 rank with batch_size 8
+    (run / "summary.json").unlink()
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["output_dir"] = str(run)
+    assert check_run_dir(load_config(cfg, ["train.batch_size=4"]), world_size=2)
+    assert check_run_dir(load_config(cfg, ["train.batch_size=4", "train.grad_accum=2"]), world_size=1)
+    with pytest.raises(TunesmithError) as err:
+        check_run_dir(load_config(cfg, ["train.batch_size=4"]), world_size=1)
+    assert "train.batch_size: checkpoint has 8, now 4" in str(err.value)
+    assert "written by 1, now 1" not in str(err.value)
+    with pytest.raises(TunesmithError) as err:
+        check_run_dir(load_config(cfg), world_size=2)
+    assert "the checkpoint was written by 1, now 2" in str(err.value)
+
+
 def _assert_resumed(run_dir: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"] == 2 and summary["steps"] == STEPS
