@@ -10,11 +10,14 @@ What FSDP asks of the loop: every rank runs the same number of forward passes (e
 layer), so a rank with fewer passes in an update or an eval repeats one of its own with a zero weight
 (`passes_to_match`); the gradient norm is reduced over the shards (`clip_grad_norm`); checkpoints are written with
 Distributed Checkpoint (`tunesmith.core.checkpoint`); the trained weights are gathered whole into a plain copy of
-the model on rank 0 for the outputs (`gather_into`).
+the model on rank 0 for the outputs (`gather_into`). On CPU, glibc is told to return freed buffers to the system
+(`return_freed_buffers`), or its heap keeps FSDP's short-lived per-layer buffers.
 """
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from collections import Counter
 
 import torch
@@ -52,6 +55,8 @@ def shard(objective: nn.Module, info: DistInfo) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    if info.device.type == "cpu":
+        return_freed_buffers()
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     layers = decoder_layers(objective)
     inside = {id(p) for layer in layers for p in layer.parameters()}
@@ -67,6 +72,26 @@ def shard(objective: nn.Module, info: DistInfo) -> None:
         for module in odd.values():
             fully_shard(module, mesh=mesh)
     fully_shard(objective, mesh=mesh)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
+
+def return_freed_buffers(threshold: int = 128 * 1024) -> bool:
+    """On glibc, serve every allocation above `threshold` bytes from its own mapping, returned to the system when freed.
+
+    FSDP gathers each layer's weights and reduces its gradients through buffers of a few MiB, freed a moment later.
+    glibc raises its mmap threshold to the size of each such freed buffer (its default, dynamic behaviour), so the
+    next ones come from the heap, which fragments and keeps their pages: on CPU that cost FSDP a third of its peak
+    RSS per rank (bench/RESULTS.md). A fixed threshold is glibc's documented remedy (mallopt(3), also the
+    environment variable MALLOC_MMAP_THRESHOLD_). Returns False where there is no glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
