@@ -136,16 +136,17 @@ def check_run_dir(cfg: Config, world_size: int = 1) -> bool:
     for section in (old, new):
         section.pop("log", None)
     old.setdefault("train", {}).setdefault("distributed", "ddp")  # runs from before the setting trained with ddp
-    if _same_global_batch(old, new, ckpt.world_size_of(good), world_size):
+    old_world = ckpt.world_size_of(good)
+    same_batch = _same_global_batch(old, new, old_world, world_size)
+    if same_batch:
         for section in (old, new):
             for key in SPLIT_KEYS:
                 section["train"].pop(key, None)
     diffs = _config_diff(old, new)
+    if old_world is not None and old_world != world_size and not same_batch:
+        diffs.append(f"ranks: the checkpoint was written by {old_world}, now {world_size}; on another number of "
+                     "ranks keep the global batch (train.batch_size x train.grad_accum x ranks) the same")
     if diffs:
-        old_world = ckpt.world_size_of(good)
-        if old_world is not None and old_world != world_size:
-            diffs.append(f"ranks: the checkpoint was written by {old_world}, now {world_size}; on another number of "
-                         "ranks keep the global batch (train.batch_size x train.grad_accum x ranks) the same")
         raise TunesmithError(
             f"output_dir {str(run_dir)!r} has a checkpoint from a different config; resuming needs the same "
             "settings (use a new output_dir to train with new ones):",
