@@ -196,3 +196,13 @@ def test_preference_methods_two_ranks_equal_one_rank(tmp_path: Path, tiny_model_
     _train(_torchrun("-m", "tunesmith.cli", "train", str(two)))
     _assert_same(tmp_path / "one", tmp_path / "two", atol=1e-5)
     assert len(_losses(tmp_path / "two", "eval_loss")) == 2  # after steps 3 and 6
+
+
+def test_rl_methods_are_refused_under_fsdp() -> None:
+    from tunesmith.config import load_config
+    from tunesmith.errors import TunesmithError
+
+    cfg = {"method": "grpo", "model": "m", "output_dir": "o", "data": {"train": "t.jsonl"},
+           "rl": {"rewards": ["exact_match"]}, "train": {"distributed": "fsdp"}}
+    with pytest.raises(TunesmithError, match="train.distributed: fsdp covers sft, pretrain, reward and dpo"):
+        load_config(cfg)
