@@ -92,6 +92,7 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata=_doc("how many of the newest checkpoints to keep"))
     log_every: int = field(default=1, metadata=_doc("steps between metric lines"))
     gradient_checkpointing: bool = field(default=False, metadata=_doc("recompute activations in backward to save memory"))
+    distributed: Literal["ddp", "fsdp"] = field(default="ddp", metadata=_doc("how several ranks (torchrun) share the work: ddp = a whole copy of the model per rank; fsdp = parameters, gradients and optimizer state sharded over ranks with FSDP2, per decoder layer, and checkpoints written sharded with Distributed Checkpoint (a run may resume on another number of ranks); sft, pretrain, reward and dpo"))
     max_nonfinite_steps: int = field(default=3, metadata=_doc("a step whose loss or gradient norm is NaN or infinite is skipped (no update) and counted; this many in a row, or one at the first step, stop the run"))
 
 
@@ -354,6 +355,9 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append(f"dpo.nll_weight: must be 0 or more, got {d.nll_weight}")
     if isinstance(d.orpo_lambda, float) and d.orpo_lambda < 0:
         problems.append(f"dpo.orpo_lambda: must be 0 or more, got {d.orpo_lambda}")
+    if cfg.method in ("grpo", "ppo") and t.distributed == "fsdp":
+        problems.append(f"train.distributed: fsdp covers sft, pretrain, reward and dpo; method {cfg.method} runs with "
+                        "ddp (set train.distributed=ddp)")
     if cfg.method in ("grpo", "ppo"):
         _check_rl(cfg, problems)
     if cfg.eval.max_new_tokens < 1:

@@ -20,7 +20,7 @@ import torch
 
 from tunesmith.config import Config, load_config, save_config
 from tunesmith.core import checkpoint as ckpt
-from tunesmith.core import distributed
+from tunesmith.core import distributed, fsdp
 from tunesmith.core.loop import LoopCallback, LoopResult, train_loop
 from tunesmith.core.trackers import Trackers
 from tunesmith.data import DataStats
@@ -97,8 +97,23 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return diffs
 
 
-def check_run_dir(cfg: Config) -> bool:
-    """Decide whether output_dir is new, resumable, or unusable; returns True when resuming."""
+# How a global batch is split: these may change on resume (another number of ranks) when the global batch stays
+SPLIT_KEYS = ("batch_size", "grad_accum", "forward_tokens")
+
+
+def _same_global_batch(old: dict[str, Any], new: dict[str, Any], old_world: int | None, world_size: int) -> bool:
+    """True when the split of the global batch changed but not its size: rows per step and the step count stay."""
+    o, n = old.get("train") or {}, new.get("train") or {}
+    if old_world is None or not all(isinstance(o.get(k), int) for k in ("batch_size", "grad_accum")):
+        return False
+    return o["batch_size"] * o["grad_accum"] * old_world == n["batch_size"] * n["grad_accum"] * world_size
+
+
+def check_run_dir(cfg: Config, world_size: int = 1) -> bool:
+    """Decide whether output_dir is new, resumable, or unusable; returns True when resuming.
+
+    A run may resume on another number of ranks (`world_size` now) when train.batch_size x train.grad_accum x
+    ranks is the global batch it had."""
     run_dir = Path(cfg.output_dir)
     if not run_dir.exists():
         return False
@@ -133,7 +148,17 @@ def check_run_dir(cfg: Config) -> bool:
     new = cfg.to_dict()
     for section in (old, new):
         section.pop("log", None)
+    old.setdefault("train", {}).setdefault("distributed", "ddp")  # runs from before the setting trained with ddp
+    old_world = ckpt.world_size_of(good)
+    same_batch = _same_global_batch(old, new, old_world, world_size)
+    if same_batch:
+        for section in (old, new):
+            for key in SPLIT_KEYS:
+                section["train"].pop(key, None)
     diffs = [text for key, text in _config_diff(old, new) if key not in RESUME_MAY_CHANGE]
+    if old_world is not None and old_world != world_size and not same_batch:
+        diffs.append(f"ranks: the checkpoint was written by {old_world}, now {world_size}; on another number of "
+                     "ranks keep the global batch (train.batch_size x train.grad_accum x ranks) the same")
     if diffs:
         raise TunesmithError(
             f"output_dir {str(run_dir)!r} has a checkpoint from a different config; resuming needs the same "
@@ -172,7 +197,7 @@ def train(source: Config | dict[str, Any] | str | Path, overrides: list[str] | N
 
 def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCallback], lock: RunLock) -> RunResult:
     method = get_method(cfg.method)
-    resuming = check_run_dir(cfg)
+    resuming = check_run_dir(cfg, info.world_size)
 
     # Rank 0 imports a .gguf into the cache first, so the other ranks find it done.
     if info.is_main:
@@ -208,7 +233,7 @@ def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCall
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire()  # one train per folder: refuses a live one, takes over a killed one's
-        resuming = check_run_dir(cfg)  # again: no other train can change the folder from here on
+        resuming = check_run_dir(cfg, info.world_size)  # again: no other train can change the folder from here on
         for line in changed_on_resume(cfg) if resuming else []:
             print(line, file=sys.stderr)
         save_config(cfg, run_dir / "config.yaml")
@@ -246,6 +271,9 @@ def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCall
             trackers=trackers,
         )
 
+        if fsdp.is_sharded(loss_module):
+            del loss_module
+            model, lm = _gather_model(model, cfg, resolved, method, info)
         outputs: dict[str, str] = {}
         if info.is_main:
             model.eval()
@@ -280,6 +308,24 @@ def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCall
         trackers.finish(tracker_summary(result), artifacts)
         print(format_summary(result), flush=True)
     return result
+
+
+def _gather_model(sharded: torch.nn.Module, cfg: Config, resolved, method, info: distributed.DistInfo
+                  ) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The trained weights of an FSDP run gathered whole into a plain copy of the model on rank 0, for the outputs
+    and the report; (model, its language model), the sharded ones on the other ranks."""
+    whole = lm = None
+    if info.is_main:
+        print("gathering the sharded weights on rank 0 ...", flush=True)
+        whole = load_model(resolved, cfg.load, device=info.device)
+        if cfg.lora is not None:
+            whole = apply_lora(whole, cfg.lora)
+        lm = whole
+        whole = method.wrap_model(whole, cfg)
+    fsdp.gather_into(sharded, whole)
+    if whole is None or lm is None:
+        return sharded, sharded
+    return whole, lm
 
 
 def tracker_summary(result: RunResult) -> dict[str, float]:
