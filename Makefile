@@ -25,7 +25,8 @@ demo: setup
 test: setup chromium
 	$(PY) -m pytest -q
 
-# The report test renders report.html in headless Chromium, as a person's browser would.
+# The report test renders report.html in headless Chromium, as a person's browser would; the dashboard tests
+# (tests/ui) drive the same browser through Playwright.
 # Debian's package; installed only when missing (we run as root here and in CI).
 chromium:
 	@test -x /usr/bin/chromium || { apt-get update -qq && \

@@ -9,8 +9,8 @@
 #
 # The run needs python3 with a CUDA build of torch. Wheels in .whl/ are installed into /tmp/site first when
 # present. It writes, under OUT_DIR (default $OUT, else /tmp/tunesmith-gpu-bench): gpu.txt (the card),
-# sft.jsonl (LoRA SFT, full SFT, continued pretraining), dpo.jsonl, grpo.jsonl, qlora.jsonl (LoRA against
-# QLoRA nf4 and int8, bitsandbytes), and each one's log.
+# sft.jsonl (LoRA SFT, full SFT, continued pretraining), dpo.jsonl, grpo.jsonl, fsdp.jsonl (2+ GPUs), qlora.jsonl
+# (LoRA against QLoRA nf4 and int8, bitsandbytes), and each one's log.
 # Goal on GPU (issue "Performance"): >= 2x TRL's tokens/s at <= 0.4x its peak GPU memory (peak_cuda_mib).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +52,15 @@ python3 bench/dpo.py --model-path "$model" --pairs 64 --steps 8 --workdir /tmp/t
     | tee "$out/dpo.jsonl"
 python3 bench/grpo.py --model-path "$model" --steps 4 --workdir /tmp/tunesmith-gpu-grpo 2> "$out/grpo.log" \
     | tee "$out/grpo.jsonl"
+# FSDP against DDP, full SFT on every GPU of the machine (at most 8): peak GPU memory per rank and tokens/s.
+# FSDP on one rank shards nothing, so a single-GPU machine skips it and says so.
+ngpu=$(nvidia-smi -L | wc -l)
+if [ "$ngpu" -ge 2 ]; then
+    python3 bench/fsdp.py --model-path "$model" --nproc "$(( ngpu < 8 ? ngpu : 8 ))" --rows 128 --max-length 1024 \
+        --batch-size 4 --steps 8 --workdir /tmp/tunesmith-gpu-fsdp 2> "$out/fsdp.log" | tee "$out/fsdp.jsonl"
+else
+    echo "{\"bench\": \"fsdp\", \"skipped\": \"needs at least 2 GPUs, found $ngpu\"}" | tee "$out/fsdp.jsonl"
+fi
 python3 bench/qlora.py --model-path "$model" --rows 256 --sides lora,nf4,int8 --workdir /tmp/tunesmith-gpu-qlora \
     2> "$out/qlora.log" | tee "$out/qlora.jsonl"
-echo "wrote $out: gpu.txt sft.jsonl dpo.jsonl grpo.jsonl qlora.jsonl and their logs"
+echo "wrote $out: gpu.txt sft.jsonl dpo.jsonl grpo.jsonl fsdp.jsonl qlora.jsonl and their logs"

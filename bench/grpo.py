@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import statistics
 import time
@@ -231,7 +232,8 @@ def run_tunesmith(args: argparse.Namespace, workdir: Path) -> dict:
         "grpo": {"scale_rewards": True, "loss_normalization": "token"},
         "train": {
             "max_steps": args.steps,
-            "batch_size": PROMPTS_PER_STEP,  # prompts per step
+            # prompts per step (per rank under torchrun, as bench/rl_ranks.py runs this side: the same global batch)
+            "batch_size": PROMPTS_PER_STEP // int(os.environ.get("WORLD_SIZE", "1")),
             "grad_accum": 1,
             "lr": LR,
             "weight_decay": 0.0,

@@ -75,7 +75,15 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from tunesmith.serve import serve
 
-    serve(args.models, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch)
+    serve(args.models, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+          threads=args.threads)
+    return 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from tunesmith.ui.app import ui
+
+    ui(args.runs, host=args.host, port=args.port, token=args.token)
     return 0
 
 
@@ -165,7 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve.add_argument("--port", type=int, default=8000)
     p_serve.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every request")
     p_serve.add_argument("--max-batch", type=int, default=32, help="most requests decoded together")
+    p_serve.add_argument("--threads", type=int, metavar="N", help="CPU threads for decoding (default: every core); "
+                         "on a machine busy with other work, fewer avoid slowing every request")
     p_serve.set_defaults(func=_cmd_serve)
+
+    p_ui = sub.add_parser("ui", help="a local web page: start runs, watch them learn, compare and chat with models")
+    p_ui.add_argument("--runs", default="runs", metavar="DIR", help="the folder of run folders it lists and starts "
+                      "runs in (default ./runs)")
+    p_ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p_ui.add_argument("--port", type=int, default=7860)
+    p_ui.add_argument("--token", help="require this token on every request (one is made up when --host is not "
+                      "this machine's and none is given); open the printed address, which carries it")
+    p_ui.set_defaults(func=_cmd_ui)
 
     p_eval = sub.add_parser("eval", help="generate answers on a data file, score them, measure perplexity")
     p_eval.add_argument("--model", required=True, help="model folder, hub id, .gguf, 'default', or a tunesmith run folder")

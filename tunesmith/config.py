@@ -95,6 +95,7 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata=_doc("how many of the newest checkpoints to keep"))
     log_every: int = field(default=1, metadata=_doc("steps between metric lines"))
     gradient_checkpointing: bool = field(default=False, metadata=_doc("recompute activations in backward to save memory"))
+    distributed: Literal["ddp", "fsdp"] = field(default="ddp", metadata=_doc("how several ranks (torchrun) share the work: ddp = a whole copy of the model per rank; fsdp = parameters, gradients and optimizer state sharded over ranks with FSDP2, per decoder layer, and checkpoints written sharded with Distributed Checkpoint (a run may resume on another number of ranks); sft, pretrain, reward and dpo"))
     max_nonfinite_steps: int = field(default=3, metadata=_doc("a step whose loss or gradient norm is NaN or infinite is skipped (no update) and counted; this many in a row, or one at the first step, stop the run"))
 
 
@@ -120,7 +121,7 @@ class RewardConfig:
 
 @dataclass(kw_only=True)
 class RLConfig:
-    """Rollouts and rewards of the RL methods (grpo, ppo); train.batch_size counts prompts per step."""
+    """Rollouts and rewards of the RL methods (grpo, ppo); train.batch_size counts prompts per step and rank."""
 
     rewards: list[str] = field(default_factory=list, metadata=_doc("reward functions: exact_match, contains, json_equal, regex:PATTERN, length_penalty:N, or module:function(prompts, completions, **fields) -> list[float]"))
     reward_weights: list[float] | None = field(default=None, metadata=_doc("one weight per entry of rewards (default 1 each)"))
@@ -133,8 +134,8 @@ class RLConfig:
     top_k: int = field(default=0, metadata=_doc("top-k sampling of the rollouts (0 = off)"))
     stop: list[str] = field(default_factory=list, metadata=_doc("a completion ends at the first of these strings"))
     update_epochs: int = field(default=1, metadata=_doc("passes over each batch of rollouts (GRPO's mu, PPO epochs)"))
-    minibatch_size: int | None = field(default=None, metadata=_doc("completions per optimizer update; null = one update over all of a step's completions per pass"))
-    micro_batch_size: int = field(default=8, metadata=_doc("completions per forward pass (memory only; the maths is the same)"))
+    minibatch_size: int | None = field(default=None, metadata=_doc("completions per optimizer update, drawn from every rank's; null = one update over all of a step's completions per pass"))
+    micro_batch_size: int = field(default=8, metadata=_doc("completions per forward pass on each rank (memory only; the maths is the same)"))
     share_prompts: bool = field(default=True, metadata=_doc("train the completions of one prompt as a tree that holds the prompt once (same maths, less compute; needs SDPA attention, used when the model has it)"))
     clip_eps: float = field(default=0.2, metadata=_doc("PPO/GRPO ratio clip epsilon"))
     kl_coef: float = field(default=0.04, metadata=_doc("weight of the KL penalty to the reference (GRPO's beta; PPO's initial coefficient)"))
@@ -343,6 +344,9 @@ def _check(cfg: Config, problems: list[str]) -> None:
     for where, value in (("train.eval_every", t.eval_every), ("train.save_every", t.save_every)):
         if isinstance(value, int) and value < 0:
             problems.append(f"{where}: must be 0 or more, got {value}")
+    if cfg.load.quantize is not None and t.distributed == "fsdp":
+        problems.append(f"load.quantize: {cfg.load.quantize!r} runs with train.distributed=ddp (each rank holds the whole "
+                        "quantized base); sharding bitsandbytes weights with FSDP is not supported; set train.distributed=ddp, or load.quantize=null for fsdp")
     if cfg.load.quantize is not None and cfg.lora is None:
         problems.append(f"load.quantize: {cfg.load.quantize!r} freezes the base weights in low precision, so it needs "
                         "LoRA adapters to train; set a lora section (e.g. lora.r=16), or load.quantize=null for full "
@@ -361,6 +365,9 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append(f"dpo.nll_weight: must be 0 or more, got {d.nll_weight}")
     if isinstance(d.orpo_lambda, float) and d.orpo_lambda < 0:
         problems.append(f"dpo.orpo_lambda: must be 0 or more, got {d.orpo_lambda}")
+    if cfg.method in ("grpo", "ppo") and t.distributed == "fsdp":
+        problems.append(f"train.distributed: fsdp covers sft, pretrain, reward and dpo; method {cfg.method} runs with "
+                        "ddp (set train.distributed=ddp)")
     if cfg.method in ("grpo", "ppo"):
         _check_rl(cfg, problems)
     if cfg.eval.max_new_tokens < 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 
 from tunesmith.config import Config, load_config, save_config
 from tunesmith.core import checkpoint as ckpt
-from tunesmith.core import distributed
+from tunesmith.core import distributed, fsdp
 from tunesmith.core.loop import LoopCallback, LoopResult, train_loop
 from tunesmith.core.trackers import Trackers
 from tunesmith.data import DataStats
@@ -75,7 +76,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+# Settings a resumed run may change: they decide memory use, how often things are written, and where the run
+# lives, never the maths of a step (gradient checkpointing recomputes the same activations; forward_tokens and
+# micro_batch_size split a batch into passes with the same sums). Anything else makes a different run.
+RESUME_MAY_CHANGE = frozenset({
+    "output_dir", "train.forward_tokens", "train.gradient_checkpointing", "train.save_every",
+    "train.save_every_minutes", "train.keep_checkpoints", "train.log_every", "rl.micro_batch_size",
+})
+# Of those, the ones that draw dropout masks per pass: the run goes on correctly, but not bit for bit as it would have
+PASS_SPLITS = frozenset({"train.forward_tokens", "rl.micro_batch_size"})
+
+
+def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
     diffs = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
@@ -83,12 +95,27 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += _config_diff(a, b, where + ".")
         elif a != b:
-            diffs.append(f"{where}: checkpoint has {a!r}, now {b!r}")
+            diffs.append((where, f"{where}: checkpoint has {a!r}, now {b!r}"))
     return diffs
 
 
-def check_run_dir(cfg: Config) -> bool:
-    """Decide whether output_dir is new, resumable, or unusable; returns True when resuming."""
+# How a global batch is split: these may change on resume (another number of ranks) when the global batch stays
+SPLIT_KEYS = ("batch_size", "grad_accum", "forward_tokens")
+
+
+def _same_global_batch(old: dict[str, Any], new: dict[str, Any], old_world: int | None, world_size: int) -> bool:
+    """True when the split of the global batch changed but not its size: rows per step and the step count stay."""
+    o, n = old.get("train") or {}, new.get("train") or {}
+    if old_world is None or not all(isinstance(o.get(k), int) for k in ("batch_size", "grad_accum")):
+        return False
+    return o["batch_size"] * o["grad_accum"] * old_world == n["batch_size"] * n["grad_accum"] * world_size
+
+
+def check_run_dir(cfg: Config, world_size: int = 1) -> bool:
+    """Decide whether output_dir is new, resumable, or unusable; returns True when resuming.
+
+    A run may resume on another number of ranks (`world_size` now) when train.batch_size x train.grad_accum x
+    ranks is the global batch it had."""
     run_dir = Path(cfg.output_dir)
     if not run_dir.exists():
         return False
@@ -117,19 +144,45 @@ def check_run_dir(cfg: Config) -> bool:
     import yaml
 
     # output_dir may differ: a run folder that was moved or copied resumes where it now is; so may the
-    # trackers (`log`), which change nothing in training: one added on resume gets the whole run replayed
-    old = {**(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}), "output_dir": cfg.output_dir}
+    # trackers (`log`), which change nothing in training (one added on resume gets the whole run replayed), and
+    # the memory and bookkeeping settings of RESUME_MAY_CHANGE
+    old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
     new = cfg.to_dict()
     for section in (old, new):
         section.pop("log", None)
-    diffs = _config_diff(old, new)
+    old.setdefault("train", {}).setdefault("distributed", "ddp")  # runs from before the setting trained with ddp
+    old_world = ckpt.world_size_of(good)
+    same_batch = _same_global_batch(old, new, old_world, world_size)
+    if same_batch:
+        for section in (old, new):
+            for key in SPLIT_KEYS:
+                section["train"].pop(key, None)
+    diffs = [text for key, text in _config_diff(old, new) if key not in RESUME_MAY_CHANGE]
+    if old_world is not None and old_world != world_size and not same_batch:
+        diffs.append(f"ranks: the checkpoint was written by {old_world}, now {world_size}; on another number of "
+                     "ranks keep the global batch (train.batch_size x train.grad_accum x ranks) the same")
     if diffs:
         raise TunesmithError(
             f"output_dir {str(run_dir)!r} has a checkpoint from a different config; resuming needs the same "
-            "settings (use a new output_dir to train with new ones):",
+            "settings (use a new output_dir to train with new ones; only memory and bookkeeping settings may "
+            f"change: {', '.join(sorted(RESUME_MAY_CHANGE - {'output_dir'}))}):",
             problems=diffs,
         )
     return True
+
+
+def changed_on_resume(cfg: Config) -> list[str]:
+    """The memory and bookkeeping settings a resumed run changes, each as a line for the user."""
+    import yaml
+
+    saved = yaml.safe_load((Path(cfg.output_dir) / "config.yaml").read_text(encoding="utf-8")) or {}
+    lines = []
+    for key, text in _config_diff(saved, cfg.to_dict()):
+        if key in RESUME_MAY_CHANGE - {"output_dir"}:
+            note = ("; dropout masks are drawn per pass, so the run goes on correctly but no longer bit for bit as "
+                    "it would have" if key in PASS_SPLITS and cfg.lora and cfg.lora.dropout > 0 else "")
+            lines.append(f"resuming with a changed setting, {text}{note}")
+    return lines
 
 
 def train(source: Config | dict[str, Any] | str | Path, overrides: list[str] | None = None, *,
@@ -146,7 +199,7 @@ def train(source: Config | dict[str, Any] | str | Path, overrides: list[str] | N
 
 def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCallback], lock: RunLock) -> RunResult:
     method = get_method(cfg.method)
-    resuming = check_run_dir(cfg)
+    resuming = check_run_dir(cfg, info.world_size)
 
     # Rank 0 imports a .gguf into the cache first, so the other ranks find it done.
     if info.is_main:
@@ -182,7 +235,9 @@ def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCall
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire()  # one train per folder: refuses a live one, takes over a killed one's
-        resuming = check_run_dir(cfg)  # again: no other train can change the folder from here on
+        resuming = check_run_dir(cfg, info.world_size)  # again: no other train can change the folder from here on
+        for line in changed_on_resume(cfg) if resuming else []:
+            print(line, file=sys.stderr)
         save_config(cfg, run_dir / "config.yaml")
         if not resuming:
             (run_dir / "metrics.jsonl").write_text("")
@@ -218,6 +273,9 @@ def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCall
             trackers=trackers,
         )
 
+        if fsdp.is_sharded(loss_module):
+            del loss_module
+            model, lm = _gather_model(model, cfg, resolved, method, info)
         outputs: dict[str, str] = {}
         if info.is_main:
             model.eval()
@@ -279,6 +337,24 @@ def output_notes(cfg: Config, model: torch.nn.Module, outputs: dict[str, str]) -
         notes.append(f"adapter/ on the original full-precision base differs slightly from the run's model; load the "
                      f"base with load.quantize={cfg.load.quantize} (or use merged/) to reproduce it")
     return notes
+
+
+def _gather_model(sharded: torch.nn.Module, cfg: Config, resolved, method, info: distributed.DistInfo
+                  ) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The trained weights of an FSDP run gathered whole into a plain copy of the model on rank 0, for the outputs
+    and the report; (model, its language model), the sharded ones on the other ranks."""
+    whole = lm = None
+    if info.is_main:
+        print("gathering the sharded weights on rank 0 ...", flush=True)
+        whole = load_model(resolved, cfg.load, device=info.device)
+        if cfg.lora is not None:
+            whole = apply_lora(whole, cfg.lora)
+        lm = whole
+        whole = method.wrap_model(whole, cfg)
+    fsdp.gather_into(sharded, whole)
+    if whole is None or lm is None:
+        return sharded, sharded
+    return whole, lm
 
 
 def tracker_summary(result: RunResult) -> dict[str, float]:

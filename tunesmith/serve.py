@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from starlette.requests import Request  # at module level: FastAPI reads the routes' annotations from here
 
 from tunesmith.config import LoadConfig
@@ -461,15 +462,23 @@ class ServerThread:
 
 
 def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch: int = 32) -> None:
+          max_batch: int = 32, threads: int | None = None) -> None:
     """Load the models and serve them until interrupted (the `tunesmith serve` command)."""
     import uvicorn
 
+    if threads is not None:
+        if threads < 1:
+            raise TunesmithError(f"--threads {threads}: give at least 1 (CPU threads the decoder may use)")
+        # on a machine shared with other work, fewer threads than cores avoid the spin-waits that slow every one
+        torch.set_num_threads(threads)
     served = load_models(parse_models(models), max_batch=max_batch)
     app = create_app(served, api_key=api_key)
     url = f"http://{host}:{port}/v1"
     width = max(len(n) for n in served)
-    lines = [f"serving {len(served)} model{'s' if len(served) > 1 else ''} at {url}"]
+    device = next(iter(served.values())).engine.device
+    where = f"{torch.get_num_threads()} CPU thread{'s' if torch.get_num_threads() > 1 else ''}" \
+        if device.type == "cpu" else str(device)
+    lines = [f"serving {len(served)} model{'s' if len(served) > 1 else ''} at {url} (decoding on {where})"]
     for s in served.values():
         shared = sum(other.engine is s.engine for other in served.values())
         lines.append(f"  {s.name:<{width}}  {s.spec}" + (f"  (base weights shared by {shared} models)" if shared > 1 else ""))

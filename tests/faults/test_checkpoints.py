@@ -134,3 +134,37 @@ def test_no_good_checkpoint_refuses_and_says_how_to_start_over(
     assert result.loop.resumed_from == 0 and result.loop.steps == 10
     for k, v in expected.items():
         assert torch.equal(v, final_weights(run)[k])
+
+
+def test_resume_may_change_memory_settings_but_not_the_maths(
+        tmp_path: Path, tiny_model_dir: Path, straight: tuple[Path, dict], capsys) -> None:
+    data, expected = straight
+    cfg, run = _crashed_run(tmp_path, tiny_model_dir, data)
+
+    changed = {**cfg, "train": {**cfg["train"], "lr": cfg["train"]["lr"] * 2}}
+    with pytest.raises(TunesmithError) as caught:
+        tunesmith.train(changed)
+    assert f"train.lr: checkpoint has {cfg['train']['lr']!r}, now {changed['train']['lr']!r}" in str(caught.value)
+    assert "train.gradient_checkpointing" in str(caught.value)  # the message says what may change
+
+    # recomputed activations and checkpoints on another clock: less memory, the very same run
+    lighter = {**cfg, "train": {**cfg["train"], "gradient_checkpointing": True, "save_every_minutes": 5}}
+    capsys.readouterr()
+    result = tunesmith.train(lighter)
+    assert result.loop.resumed_from == 6 and result.loop.steps == 10
+    err = capsys.readouterr().err
+    assert "resuming with a changed setting, train.gradient_checkpointing: checkpoint has False, now True" in err
+    for k, v in expected.items():
+        assert torch.equal(final_weights(run)[k], v), f"{k} differs from the uninterrupted run"
+
+
+def test_resume_with_smaller_passes_goes_on_and_says_dropout_differs(
+        tmp_path: Path, tiny_model_dir: Path, straight: tuple[Path, dict], capsys) -> None:
+    data, _ = straight
+    cfg, run = _crashed_run(tmp_path, tiny_model_dir, data)
+    capsys.readouterr()
+    result = tunesmith.train({**cfg, "train": {**cfg["train"], "forward_tokens": 64}})
+    assert result.loop.resumed_from == 6 and result.loop.steps == 10
+    err = capsys.readouterr().err
+    assert "train.forward_tokens: checkpoint has None, now 64; dropout masks are drawn per pass" in err
+    assert (run / "summary.json").exists()

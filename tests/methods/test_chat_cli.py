@@ -74,7 +74,8 @@ def test_a_model_without_chat_template_continues_plain_text(tiny_model_dir: Path
 
 def test_serve_command_prints_where_and_answers_until_stopped(run: Path) -> None:
     port = find_free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", f"mine={run}", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", f"mine={run}", "--port", str(port),
+                             "--threads", "1"],
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
@@ -91,5 +92,5 @@ def test_serve_command_prints_where_and_answers_until_stopped(run: Path) -> None
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
-    assert f"serving 1 model at http://127.0.0.1:{port}/v1" in out, err[-2000:]
+    assert f"serving 1 model at http://127.0.0.1:{port}/v1 (decoding on 1 CPU thread)" in out, err[-2000:]
     assert "mine" in out and "server stopped" in out

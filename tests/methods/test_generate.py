@@ -123,6 +123,26 @@ def test_sampling_is_reproducible_with_a_seed(tiny) -> None:
     assert sample(3, top_p=1e-6) == greedy
 
 
+def test_seeded_answers_do_not_depend_on_their_batch(tiny) -> None:
+    # RL ranks each sample their share of a step's prompts: an answer with its own seed must be the same
+    # whatever else is generated with it (batch size, neighbours, a repeated prompt's other answers).
+    model, tokenizer = tiny
+    chats = _chats(PROMPTS) + _chats(PROMPTS[:1])  # the first prompt twice: prefilled once, two answers
+    seeds = [100 + i for i in range(len(chats))]
+
+    def sample(rows: list[int], batch_size: int) -> list[list[int]]:
+        settings = GenerationSettings(max_new_tokens=10, temperature=1.0, batch_size=batch_size)
+        answers = generate(model, tokenizer, [chats[i] for i in rows], settings, seeds=[seeds[i] for i in rows])
+        return [g.token_ids for g in answers]
+
+    everything = sample(list(range(len(chats))), batch_size=16)
+    assert everything[0] != everything[-1]  # the same prompt, its own seed: another answer
+    assert sample([3, 1], batch_size=1) == [everything[3], everything[1]]
+    assert sample(list(range(len(chats)))[::-1], batch_size=3) == everything[::-1]
+    with pytest.raises(ValueError, match="2 seeds for 1 conversations"):
+        generate(model, tokenizer, chats[:1], GenerationSettings(temperature=1.0), seeds=[1, 2])
+
+
 def test_bad_settings_are_reported_together(tiny) -> None:
     model, tokenizer = tiny
     with pytest.raises(TunesmithError) as err:

@@ -157,10 +157,13 @@ def test_rslora_scales_by_the_square_root_of_the_rank(tiny_model_dir: Path) -> N
     assert scalings == {8 / 4**0.5}
 
 
-def test_quantize_without_lora_is_refused(tmp_path: Path) -> None:
+def test_quantize_without_lora_or_with_fsdp_is_refused(tmp_path: Path) -> None:
     with pytest.raises(TunesmithError, match=r"load.quantize: 'nf4' .* needs LoRA .* load.quantize=null"):
         load_config({"model": "m", "output_dir": str(tmp_path), "data": {"train": "t.jsonl"}, "lora": None,
                      "load": {"quantize": "nf4"}})
+    with pytest.raises(TunesmithError, match=r"load.quantize: 'int8' runs with train.distributed=ddp .* not supported"):
+        load_config({"model": "m", "output_dir": str(tmp_path), "data": {"train": "t.jsonl"},
+                     "load": {"quantize": "int8"}, "train": {"distributed": "fsdp"}})
     with pytest.raises(TunesmithError, match=r"load.quantize: expected 'nf4' | 'int8' or null, got 'nf3'"):
         load_config({"model": "m", "output_dir": str(tmp_path), "data": {"train": "t.jsonl"},
                      "load": {"quantize": "nf3"}})

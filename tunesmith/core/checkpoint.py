@@ -2,7 +2,11 @@
 
 A checkpoint is written into a temporary folder, every file fsynced, then renamed into place;
 the rename is the commit. The manifest `checkpoint.json` records each file's size and SHA-256.
-A `step-N` folder without its manifest, or whose files do not match it (a flipped byte, a
+Under `train.distributed: fsdp` the weights and the optimizer go in
+`dcp/`, written by every rank with Distributed Checkpoint (each rank its shards, by parameter name), so a run
+resumes on any number of ranks: DCP reads the shards a rank needs whatever the split that wrote them. The manifest
+lists the DCP files too and is written after all of them, so a half-written sharded checkpoint is damaged like any
+other. A `step-N` folder without its manifest, or whose files do not match it (a flipped byte, a
 truncated or deleted file), is damaged: it is reported with its path and the run resumes from
 the newest good one before it, never silently from step 0. A write that fails for lack of space
 removes the temporary folder and leaves the previous checkpoint as it was.
@@ -15,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,7 @@ from tunesmith.model.export import disk_full_error
 
 MANIFEST = "checkpoint.json"
 PREFIX = "step-"
+SHARDED_DIR = "dcp"  # Distributed Checkpoint's files of a sharded checkpoint
 
 
 @dataclass
@@ -192,12 +198,17 @@ def save_checkpoint(
     state: TrainerState,
     info: DistInfo,
     keep: int,
+    *,
+    sharded: bool = False,
 ) -> Path:
     """Write checkpoint `step-N` atomically on every rank's behalf; keep the newest `keep`.
 
+    `sharded`: weights and optimizer through Distributed Checkpoint, each rank writing its own shards (FSDP).
     Weights that are not finite are never saved; a full disk raises one `DiskFullError` and leaves the previous
     checkpoint as it was.
     """
+    if sharded:
+        return _save_sharded(root, model, optimizer, scheduler, state, info, keep)
     final = root / f"{PREFIX}{state.step:07d}"
     tmp = root / f".tmp-{PREFIX}{state.step:07d}"
     if info.is_main:
@@ -237,25 +248,103 @@ def save_checkpoint(
     return final
 
 
-def _write_files(tmp: Path, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+def _write_files(tmp: Path, weights: dict[str, torch.Tensor] | None, optimizer: torch.optim.Optimizer | None,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainerState, info: DistInfo) -> None:
-    save_file(weights, str(tmp / "trainable.safetensors"))
+    """The files rank 0 writes (weights and optimizer unless they are sharded), then the manifest of everything."""
+    if weights is not None:
+        save_file(weights, str(tmp / "trainable.safetensors"))
     # through a Python file: a failed write then says why (torch's own writer reports only an iostream error)
-    with open(tmp / "optimizer.pt", "wb") as fh:
-        torch.save(optimizer.state_dict(), fh)
+    if optimizer is not None:
+        with open(tmp / "optimizer.pt", "wb") as fh:
+            torch.save(optimizer.state_dict(), fh)
     with open(tmp / "scheduler.pt", "wb") as fh:
         torch.save(scheduler.state_dict(), fh)
     (tmp / "trainer.json").write_text(json.dumps({"step": state.step, "tokens_seen": state.tokens_seen,
                                                   "method": state.method, "nonfinite_steps": state.nonfinite_steps}))
     files, sums = {}, {}
-    for f in sorted(tmp.iterdir()):
+    for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        name = f.relative_to(tmp).as_posix()
         _fsync_file(f)
-        files[f.name] = f.stat().st_size
-        sums[f.name] = sha256_file(f)
+        files[name] = f.stat().st_size
+        sums[name] = sha256_file(f)
+    for d in [p for p in tmp.rglob("*") if p.is_dir()]:
+        _fsync_dir(d)
     manifest = tmp / MANIFEST
-    manifest.write_text(json.dumps({"step": state.step, "world_size": info.world_size, "files": files, "sha256": sums}))
+    manifest.write_text(json.dumps({"step": state.step, "world_size": info.world_size, "files": files, "sha256": sums,
+                                    "sharded": weights is None}))
     _fsync_file(manifest)
     _fsync_dir(tmp)
+
+
+def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The trainable weights and the optimizer state by parameter name, as this rank holds them (its shards)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    return {"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)),
+            "optim": get_optimizer_state_dict(model, optimizer)}
+
+
+def _save_sharded(root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainerState, info: DistInfo,
+                  keep: int) -> Path:
+    """`save_checkpoint` for sharded weights: every rank writes its shards with DCP into the temporary folder, then
+    rank 0 writes the rest and the manifest and renames the folder into place."""
+    import torch.distributed.checkpoint as dcp
+
+    from tunesmith.core import fsdp
+
+    final = root / f"{PREFIX}{state.step:07d}"
+    tmp = root / f".tmp-{PREFIX}{state.step:07d}"
+    bad = fsdp.nonfinite_shards(model, info)
+    if bad:
+        raise TunesmithError(f"step {state.step}: weights {', '.join(bad[:3])} hold NaN or infinite values; no "
+                             "checkpoint is written, and the previous one stays as it was")
+    if info.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier(info)
+    previous = [d for d in checkpoint_dirs(root) if d != final]
+    advice = (f"the previous checkpoint {previous[-1]} is intact: free some space, then run the same train "
+              "command again to resume from it") if previous else "free some space and run the same command again"
+    try:
+        with open(tmp / f"rng-rank{info.rank}.pt", "wb") as fh:  # each rank draws its own dropout masks
+            torch.save(rng_state(), fh)
+        with warnings.catch_warnings():  # one process writing all of a checkpoint is what DCP warns about, and meant
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(tmp / SHARDED_DIR), no_dist=not info.enabled)
+        barrier(info)
+        if info.is_main:
+            _write_files(tmp, None, None, scheduler, state, info)
+    except Exception as exc:
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full_error(exc, final, "checkpoint", advice)
+        if full is not None:
+            raise full from None
+        raise
+    if info.is_main:
+        if final.exists():  # a stale one from a run that was killed after this step; ours is newer
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in checkpoint_dirs(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(info)
+    return final
+
+
+def world_size_of(ckpt: Path) -> int | None:
+    """How many ranks wrote checkpoint `ckpt` (None when its manifest does not say)."""
+    try:
+        return int(json.loads((ckpt / MANIFEST).read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def load_checkpoint(
@@ -265,22 +354,48 @@ def load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     info: DistInfo,
 ) -> TrainerState:
-    """Restore everything `save_checkpoint` wrote; returns the loop position."""
-    weights = load_file(str(ckpt / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-    assert not missing, f"checkpoint {ckpt} lacks trainable parameters {missing[:3]}"
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    device = next(model.parameters()).device
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+    """Restore everything `save_checkpoint` wrote; returns the loop position.
+
+    A sharded checkpoint loads on any number of ranks (DCP reads what each rank's shards need). A rank the writing
+    run did not have takes the random generators of rank (its rank mod the ranks that wrote)."""
+    if (ckpt / SHARDED_DIR).is_dir():
+        _load_sharded(ckpt, model, optimizer)
+    else:
+        weights = load_file(str(ckpt / "trainable.safetensors"))
+        params = dict(model.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+        assert not missing, f"checkpoint {ckpt} lacks trainable parameters {missing[:3]}"
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
+        device = next(model.parameters()).device
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     rng_file = ckpt / f"rng-rank{info.rank}.pt"
+    if not rng_file.is_file():
+        rng_file = ckpt / f"rng-rank{info.rank % (world_size_of(ckpt) or 1)}.pt"
     set_rng_state(torch.load(rng_file, weights_only=True))
     trainer = json.loads((ckpt / "trainer.json").read_text())
     return TrainerState(step=trainer["step"], tokens_seen=trainer["tokens_seen"], method=trainer.get("method", {}),
                         nonfinite_steps=trainer.get("nonfinite_steps", 0))
+
+
+def _load_sharded(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a DCP checkpoint's weights and optimizer state into this rank's shards (or whole tensors on one rank)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = _sharded_state(model, optimizer)
+    with warnings.catch_warnings():  # one process reading all of a checkpoint is what DCP warns about, and meant
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, checkpoint_id=str(ckpt / SHARDED_DIR), no_dist=not (dist.is_available() and dist.is_initialized()))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(model, optimizer, state["optim"])
 
 
 def clean_partial(root: Path) -> None:

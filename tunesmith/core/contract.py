@@ -38,9 +38,14 @@ class StepTools(Protocol):
     """What the loop lends an objective's `train_step` and `evaluate_rows`."""
 
     run_dir: Path | None  # the run folder (None when training in memory only)
+    info: DistInfo  # this process's rank among the job's (RL shares a step's prompts out by it)
 
-    def update(self, micro: list[dict[str, torch.Tensor]]) -> StepOutcome:
-        """One optimizer update from collated micro-batches, the loss normalised over all of them and every rank."""
+    def update(self, micro: list[dict[str, torch.Tensor]], *, filler: dict[str, torch.Tensor] | None = None) -> StepOutcome:
+        """One optimizer update from collated micro-batches, the loss normalised over all of them and every rank.
+
+        A rank with no micro-batch in an update that other ranks train on passes `filler`, any batch the objective
+        accepts: it runs forward and backward with its loss times zero, so the ranks' gradient all-reduce still meets,
+        and counts for nothing."""
         ...
 
     def update_rows(self, rows: list) -> StepOutcome:

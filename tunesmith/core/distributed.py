@@ -61,3 +61,27 @@ def teardown(info: DistInfo) -> None:
     """Destroy the process group if this module created one."""
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_gather_tensors(value: torch.Tensor, info: DistInfo) -> list[torch.Tensor]:
+    """Every rank's 1-D tensor, in rank order; lengths may differ (a list of `value` alone on one rank)."""
+    if not info.enabled:
+        return [value]
+    local = value.reshape(-1).to(info.device)
+    size = torch.tensor([local.numel()], dtype=torch.long, device=info.device)
+    sizes = [torch.zeros_like(size) for _ in range(info.world_size)]
+    dist.all_gather(sizes, size)
+    longest = max(1, *(int(s.item()) for s in sizes))  # never an empty message
+    padded = torch.cat([local, local.new_zeros(longest - local.numel())])  # all_gather needs equal shapes
+    parts = [torch.empty_like(padded) for _ in range(info.world_size)]
+    dist.all_gather(parts, padded)
+    return [p[: int(n.item())].to(value.device) for p, n in zip(parts, sizes)]
+
+
+def all_gather_objects(value: object, info: DistInfo) -> list:
+    """Every rank's picklable `value`, in rank order (a list of `value` alone on one rank)."""
+    if not info.enabled:
+        return [value]
+    gathered: list = [None] * info.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered

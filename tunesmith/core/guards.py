@@ -178,5 +178,7 @@ def out_of_memory(exc: BaseException, where: str, cfg: TrainConfig, forward_toke
             "in the backward pass instead of keeping them",
             f"train.batch_size={cfg.batch_size}: fewer rows per micro-batch (raise train.grad_accum, now "
             f"{cfg.grad_accum}, to keep the same global batch)",
+            "re-running with a new forward_tokens or gradient_checkpointing resumes from the last checkpoint; "
+            "a new batch_size is a different run (a new output_dir)",
         ],
     )

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tunesmith.config import TrainConfig
 from tunesmith.core import checkpoint as ckpt
-from tunesmith.core import guards
+from tunesmith.core import fsdp, guards
 from tunesmith.core.contract import Objective, StepOutcome
 from tunesmith.core.distributed import DistInfo, all_reduce_sum, barrier
 from tunesmith.core.logs import RunLogger, truncate_metrics
@@ -186,21 +186,29 @@ def _reduce_stats(total: dict[str, torch.Tensor], count: float, info: DistInfo) 
 
 @torch.no_grad()
 def evaluate(
-    loss_module: Objective, rows: list[Row], batch_size: int, pad_id: int, info: DistInfo, collate_fn: Collate = collate
+    loss_module: Objective, rows: list[Row], batch_size: int, pad_id: int, info: DistInfo, collate_fn: Collate = collate,
+    *, lockstep: bool = False,
 ) -> dict[str, float]:
-    """Mean loss per counted item (and perplexity, for next-token losses) over `rows`, sharded across ranks."""
+    """Mean loss per counted item (and perplexity, for next-token losses) over `rows`, sharded across ranks.
+
+    With `lockstep` (an FSDP model, whose every forward gathers on all ranks) each rank runs as many batches as the
+    rank with the most, repeating its first batch (or the first row) without counting it."""
     was_training = loss_module.training
     loss_module.eval()
     mine = rows[info.rank :: info.world_size]
     loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
     count = torch.zeros((), dtype=torch.float64, device=info.device)
     totals: dict[str, torch.Tensor] = {}
-    for i in range(0, len(mine), batch_size):
+    starts = list(range(0, len(mine), batch_size))
+    extra = fsdp.passes_to_match(len(starts), info) - len(starts) if lockstep and rows else 0
+    for i in starts:
         batch = _to_device(collate_fn(mine[i : i + batch_size], pad_id), info.device)
         s, n, stats = loss_module(**batch)
         loss_sum += s.double()
         count += n.double()
         _sum_stats(totals, stats, info.device)
+    for _ in range(extra):
+        loss_module(**_to_device(collate_fn((mine or rows)[:batch_size], pad_id), info.device))
     all_reduce_sum(loss_sum, info)
     all_reduce_sum(count, info)
     loss_module.train(was_training)
@@ -249,28 +257,44 @@ class Updater:
         self.run_dir = run_dir
         self.forward_tokens = cfg.forward_tokens or DEFAULT_FORWARD_TOKENS.get(info.device.type)
         self.skipped = 0  # updates skipped for a non-finite loss or gradient norm
+        self.sharded = fsdp.is_sharded(objective)
 
-    def update(self, micro: list[dict[str, torch.Tensor]]) -> StepOutcome:
-        """Forward and backward every micro-batch, then clip and step; returns the update's loss and statistics."""
+    def update(self, micro: list[dict[str, torch.Tensor]], *,
+               filler: dict[str, torch.Tensor] | None = None) -> StepOutcome:
+        """Forward and backward every micro-batch, then clip and step; returns the update's loss and statistics.
+        `filler` (see `StepTools.update`) runs with its loss times zero when this rank has no micro-batch."""
         info = self.info
         count = torch.tensor([sum(self.objective.count(mb) for mb in micro)], dtype=torch.float64, device=info.device)
         all_reduce_sum(count, info)
         global_count = max(count.item(), 1.0)
         loss_acc = torch.zeros((), dtype=torch.float64, device=info.device)
         totals: dict[str, torch.Tensor] = {}
-        for i, mb in enumerate(micro):
-            last = i == len(micro) - 1
-            sync = nullcontext() if (last or not info.enabled) else self.ddp_module.no_sync()
+        if not micro and info.enabled and filler is not None and not self.sharded:
+            # DDP all-reduces gradients in every rank's backward: a rank without data still takes part, adding zero
+            loss_sum, _, _ = self.ddp_module(**_to_device(filler, info.device))
+            (loss_sum * 0.0).backward()
+        # FSDP gathers every layer in every pass, so each rank runs as many passes as the rank with the most: the
+        # extra ones repeat this rank's last micro-batch with a zero weight (FSDP reduce-scatters each pass's
+        # gradients, so no pass waits for the last to synchronise as DDP's no_sync does)
+        passes = fsdp.passes_to_match(len(micro), info) if self.sharded else len(micro)
+        for i in range(passes):
+            last, repeat = i == len(micro) - 1, i >= len(micro)
+            sync = nullcontext() if (last or repeat or self.sharded or not info.enabled) else self.ddp_module.no_sync()
             with sync:
-                loss_sum, _, stats = self.ddp_module(**_to_device(mb, info.device))
-                # DDP averages gradients over ranks; scaling by world_size turns that into a sum,
+                loss_sum, _, stats = self.ddp_module(**_to_device(micro[min(i, len(micro) - 1)], info.device))
+                # DDP and FSDP average gradients over ranks; scaling by world_size turns that into a sum,
                 # so the step's gradient is (sum of item losses) / (items of the global batch).
-                (loss_sum * (info.world_size / global_count)).backward()
+                (loss_sum * ((0.0 if repeat else info.world_size) / global_count)).backward()
+            if repeat:
+                continue
             loss_acc += loss_sum.detach().double()
             _sum_stats(totals, stats, info.device)
         # without clipping, an infinite bound measures the norm and leaves the gradients as they are
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        if self.sharded:
+            grad_norm = fsdp.clip_grad_norm(self.trainable, max_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
         all_reduce_sum(loss_acc, info)
         if guards.finite(loss_acc.item()) and guards.finite(float(grad_norm)):
             self.optimizer.step()
@@ -298,8 +322,10 @@ class Updater:
     def eval_loss(self, rows: list[Row]) -> dict[str, float]:
         """Mean loss per counted item over `rows` (see `evaluate`)."""
         # the objective itself, not its DDP wrapper: DDP's forward syncs buffers with the other ranks,
-        # and ranks whose eval shards hold different numbers of batches would wait on each other
-        return evaluate(self.objective, rows, self.cfg.batch_size, self.pad_id, self.info, self.collate_fn)
+        # and ranks whose eval shards hold different numbers of batches would wait on each other (under FSDP the
+        # objective gathers its layers in every forward, so the ranks run the same number of batches)
+        return evaluate(self.objective, rows, self.cfg.batch_size, self.pad_id, self.info, self.collate_fn,
+                        lockstep=self.sharded)
 
 
 def train_loop(
@@ -320,10 +346,13 @@ def train_loop(
     Metrics go to run_dir/metrics.jsonl and to `trackers` (started by the caller), at the same steps."""
     started = time.time()
     steps = total_steps(len(train_rows), cfg, info.world_size)
+    sharded_checkpoints = cfg.distributed == "fsdp"  # on one rank too, so that a run can resume on another number
+    if sharded_checkpoints and info.enabled:
+        fsdp.shard(loss_module, info)  # before the optimizer: it steps the sharded parameters
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, cfg.warmup_ratio, cfg.min_lr_ratio))
     ddp_module: nn.Module = loss_module
-    if info.enabled:
+    if info.enabled and not sharded_checkpoints:
         ddp_module = DistributedDataParallel(
             loss_module, device_ids=[info.device.index] if info.device.type == "cuda" else None
         )
@@ -341,16 +370,20 @@ def train_loop(
             state = ckpt.load_checkpoint(good, model, optimizer, scheduler, info)
             if info.is_main:
                 truncate_metrics(run_dir / "metrics.jsonl", state.step)
+            saved_world = ckpt.world_size_of(good)
+            if saved_world not in (None, info.world_size):
+                damaged_note += (f"checkpoint {good} was written by {saved_world} ranks and resumes on "
+                                 f"{info.world_size}\n")
         if damaged:
             barrier(info)  # every rank has chosen its checkpoint before the damaged ones move
             if info.is_main:
-                damaged_note = "".join(f"checkpoint {d} is damaged ({why}); set aside as {ckpt.set_aside(d)}\n"
+                damaged_note += "".join(f"checkpoint {d} is damaged ({why}); set aside as {ckpt.set_aside(d)}\n"
                                        for d, why in damaged) + f"resuming from the previous good one, {good}"
     resumed_from = state.step
 
     logger = RunLogger(run_dir, steps, state.step, enabled=info.is_main, trackers=trackers)
     if damaged_note:
-        logger.write(damaged_note)
+        logger.write(damaged_note.rstrip("\n"))
     if resumed_from:
         logger.write(f"resumed from checkpoint at step {resumed_from}")
     order = RowOrder(len(train_rows), cfg.batch_size * cfg.grad_accum * info.world_size, cfg.seed)
@@ -427,7 +460,8 @@ def train_loop(
             saved = None
             if ckpt_root is not None and ((due and state.step < steps) or stopping):
                 state.method = loss_module.method_state()
-                saved = ckpt.save_checkpoint(ckpt_root, model, optimizer, scheduler, state, info, cfg.keep_checkpoints)
+                saved = ckpt.save_checkpoint(ckpt_root, model, optimizer, scheduler, state, info, cfg.keep_checkpoints,
+                                             sharded=sharded_checkpoints)
                 timer.reset()
             for callback in callbacks:
                 callback.on_step_end(state.step, outcome)
@@ -439,7 +473,8 @@ def train_loop(
         stop.restore()
         logger.close()
 
-    bad = ckpt.nonfinite_weights({n: p for n, p in model.named_parameters() if p.requires_grad})
+    bad = (fsdp.nonfinite_shards(model, info) if tools.sharded
+           else ckpt.nonfinite_weights({n: p for n, p in model.named_parameters() if p.requires_grad}))
     if bad:  # never reached through a skipped update; outputs must not carry it either way
         raise TunesmithError(f"after step {state.step}: weights {', '.join(bad[:3])} hold NaN or infinite values; "
                              "no outputs are written")

@@ -79,14 +79,9 @@ def build_pair_data(cfg: Config, tokenizer, source: str, *, trim_pad: bool = Fal
 
 def build_rl_data(cfg: Config, tokenizer, source: str) -> TokenizedData:
     """Prompt rows for grpo and ppo; the rewards are resolved and checked against the rows here, before any run."""
-    import torch.distributed as dist
-
-    from tunesmith.errors import TunesmithError
     from tunesmith.rollout.rewards import RewardSet
     from tunesmith.rollout.sequences import build_prompts
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise TunesmithError(f"method {cfg.method} runs on one process for now; start it without torchrun")
     if cfg.lora is not None and cfg.lora.dropout > 0:
         import logging
 

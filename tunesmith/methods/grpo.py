@@ -13,6 +13,7 @@ One step, in call order (the loop calls `RLObjective.train_step`, rollout/step.p
   measure     reference log-probs (no old pass when   rollout/step.py `measure` (`measures_old_logps` here)
               one update per step: ratio is 1)
   advantages  group-relative, zero groups dropped     here: `GrpoObjective.advantages` -> ops/rl.py `group_advantages`
+              (a group is on one rank: local maths)
   update      clipped surrogate + β·k3 KL, normalised  here: `GrpoObjective.forward` -> ops/rl.py `clipped_policy_loss`,
                                                       `kl_k3`; through the loop's `StepTools.update`
 """
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from tunesmith.config import Config
+from tunesmith.core.distributed import DistInfo
 from tunesmith.core.next_token import count_targets, labelled_states, num_sequences, token_owner
 from tunesmith.data import TokenizedData
 from tunesmith.methods import build_rl_data, keep_model, nothing_to_prepare, save_lm_outputs
@@ -36,7 +38,7 @@ from tunesmith.ops.rl import (
 )
 from tunesmith.rollout.rewards import Scored
 from tunesmith.rollout.sequences import Completion, collate_sequences
-from tunesmith.rollout.step import RLObjective
+from tunesmith.rollout.step import RLObjective, gathered
 
 __all__ = ["GENERATES", "NAME", "GrpoObjective", "build_data", "collate", "loss_module", "prepare", "save_outputs",
            "wrap_model"]
@@ -68,17 +70,20 @@ class GrpoObjective(RLObjective):
         are the old ones: the rollout pass is skipped (one forward fewer per step)."""
         return not (self.rl.update_epochs == 1 and self.rl.minibatch_size is None)
 
-    def advantages(self, seqs: list[Completion], scored: Scored, group_size: int) -> tuple[list[Completion], dict[str, float]]:
-        """Group-relative advantages; groups with all-equal rewards are dropped from the update."""
+    def advantages(self, seqs: list[Completion], scored: Scored, group_size: int,
+                   info: DistInfo | None = None) -> tuple[list[Completion], dict[str, float]]:
+        """Group-relative advantages (a group is on one rank); groups with all-equal rewards are dropped from the
+        update (their advantages are 0)."""
         rewards = torch.tensor(scored.total, dtype=torch.float64)
         adv = group_advantages(rewards, group_size, scale_by_std=self.cfg.grpo.scale_rewards).tolist()
-        zero = zero_advantage_groups(rewards, group_size).tolist()
+        zero = zero_advantage_groups(rewards, group_size)
         kept = []
         for s in seqs:
+            s.token_fields["advantages"] = [adv[s.index]] * len(s.completion_ids)
             if not zero[s.index // group_size]:
-                s.token_fields["advantages"] = [adv[s.index]] * len(s.completion_ids)
                 kept.append(s)
-        return kept, {"frac_zero_adv_groups": sum(zero) / len(zero)}
+        every_group = gathered(zero.double(), info)[0]  # (groups of every rank,)
+        return kept, {"frac_zero_adv_groups": float(every_group.sum()) / every_group.numel()}
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         """Tokens (token normalisation) or completions (sequence and constant normalisation)."""

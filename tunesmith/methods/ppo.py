@@ -13,7 +13,7 @@ One step, in call order (the loop calls `RLObjective.train_step`, rollout/step.p
   score       reward model and/or reward functions    rollout/rewards.py `RewardSet.score`
   measure     old and reference log-probs, values     rollout/step.py `measure` (`measure_values` here)
   advantages  KL-penalised token rewards, GAE,        here: `PpoObjective.advantages` -> ops/rl.py `kl_k1`, `gae`,
-              whitening                               `whiten`
+              whitening (over every rank's answers)   `whiten`; rollout/step.py `gathered`
   update      clipped policy + value losses, over     here: `PpoObjective.forward` -> ops/rl.py `clipped_policy_loss`,
               update_epochs x minibatches             `clipped_value_loss`; through the loop's `StepTools.update`
   after_step  the adaptive KL coefficient             here: `PpoObjective.after_step` -> ops/rl.py `AdaptiveKLController`
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from tunesmith.config import Config
+from tunesmith.core.distributed import DistInfo
 from tunesmith.core.next_token import count_targets, labelled_states
 from tunesmith.data import TokenizedData
 from tunesmith.methods import build_rl_data, nothing_to_prepare, save_lm_outputs
@@ -35,7 +36,7 @@ from tunesmith.ops.losses import chunked_token_logps
 from tunesmith.ops.rl import AdaptiveKLController, clipped_policy_loss, clipped_value_loss, gae, kl_k1, whiten
 from tunesmith.rollout.rewards import Scored
 from tunesmith.rollout.sequences import Completion, collate_sequences
-from tunesmith.rollout.step import RLObjective
+from tunesmith.rollout.step import RLObjective, gathered
 
 __all__ = ["GENERATES", "NAME", "PolicyWithValue", "PpoObjective", "build_data", "collate", "loss_module",
            "prepare", "save_outputs", "wrap_model"]
@@ -111,13 +112,16 @@ class PpoObjective(RLObjective):
         if self.cfg.ppo.adaptive_kl and "kl_per_completion" in measured:
             self.kl_ctl.update(measured["kl_per_completion"], num_completions)
 
-    def advantages(self, seqs: list[Completion], scored: Scored, group_size: int) -> tuple[list[Completion], dict[str, float]]:
-        """Token rewards (KL penalty, score at the end), GAE advantages and returns, whitened advantages."""
+    def advantages(self, seqs: list[Completion], scored: Scored, group_size: int,
+                   info: DistInfo | None = None) -> tuple[list[Completion], dict[str, float]]:
+        """Token rewards (KL penalty, score at the end), GAE advantages and returns, whitened advantages.
+        Whitening and the logged statistics span every rank's completions (`gathered`), as in one process."""
         p = self.cfg.ppo
         beta = self.kl_ctl.value
-        scores = torch.tensor(scored.total, dtype=torch.float64)
-        if p.whiten_rewards and len(seqs) > 1:
-            scores = whiten(scores, shift_mean=False)
+        every_score, mine = gathered(torch.tensor(scored.total, dtype=torch.float64), info)
+        scores = every_score[mine]
+        if p.whiten_rewards and every_score.numel() > 1:
+            scores = whiten(every_score, shift_mean=False)[mine]
         all_adv, all_ret, all_val = [], [], []
         for s in seqs:
             old = torch.tensor(s.token_fields["old_logps"], dtype=torch.float64)
@@ -132,15 +136,16 @@ class PpoObjective(RLObjective):
             all_ret.append(ret)
             all_val.append(values)
             s.token_fields["returns"] = ret.tolist()
-        flat_adv = torch.cat(all_adv)
-        if p.whiten_advantages and flat_adv.numel() > 1:
-            flat_adv = whiten(flat_adv)
+        every_adv, mine = gathered(torch.cat(all_adv), info)
+        flat_adv = every_adv[mine]
+        if p.whiten_advantages and every_adv.numel() > 1:
+            flat_adv = whiten(every_adv)[mine]
         start = 0
         for s in seqs:
             n = len(s.completion_ids)
             s.token_fields["advantages"] = flat_adv[start : start + n].tolist()
             start += n
-        returns, values = torch.cat(all_ret), torch.cat(all_val)
+        returns, values = gathered(torch.cat(all_ret), info)[0], gathered(torch.cat(all_val), info)[0]
         var = returns.var(unbiased=False)
         explained = float(1 - (returns - values).var(unbiased=False) / var) if var > 0 else 0.0
         return seqs, {"kl_coef": beta, "explained_variance": explained, "value_mean": float(values.mean()),

@@ -120,12 +120,18 @@ def generate(
     settings: GenerationSettings | None = None,
     *,
     desc: str = "generate",
+    seeds: list[int] | None = None,
 ) -> list[Generation]:
-    """Answers to chat prompts (each ending in a user turn), in the order given."""
+    """Answers to chat prompts (each ending in a user turn), in the order given.
+
+    With `seeds` (one per conversation) each answer samples from its own generator, so it is the same whatever
+    else shares its batch: RL ranks sample their share of a step's prompts and get the one-process answers."""
     settings = settings or GenerationSettings()
     settings.check()
     if not conversations:
         return []
+    if seeds is not None and len(seeds) != len(conversations):
+        raise ValueError(f"generate: {len(seeds)} seeds for {len(conversations)} conversations")
     encoded = prompt_ids(tokenizer, conversations)
     # Longest first: memory runs out in the first batch if it runs out at all, not after minutes of work.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
@@ -134,6 +140,7 @@ def generate(
     if settings.temperature > 0:
         sampler = torch.Generator(device=device).manual_seed(settings.seed)
     decoder = _Decoder(model, tokenizer, settings, sampler, device)
+    row_seeds = seeds if settings.temperature > 0 else None
     results: list[Generation | None] = [None] * len(encoded)
     bar = tqdm(total=len(encoded), desc=desc, unit="prompt", dynamic_ncols=True, leave=False)
     was_training = model.training
@@ -142,7 +149,9 @@ def generate(
         with decoding_weights(model):  # packed CPU weights, LoRA folded in: one fast matmul per layer
             for start in range(0, len(order), settings.batch_size):
                 batch = order[start : start + settings.batch_size]
-                for i, generation in zip(batch, decoder.run([encoded[i] for i in batch], bar)):
+                gens = None if row_seeds is None else [
+                    torch.Generator(device=device).manual_seed(row_seeds[i]) for i in batch]
+                for i, generation in zip(batch, decoder.run([encoded[i] for i in batch], bar, gens)):
                     results[i] = generation
     finally:
         bar.close()
@@ -184,8 +193,10 @@ class _Decoder:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         return out.logits[:, -1, :].float()  # (rows, vocab)
 
-    def run(self, prompts: list[list[int]], bar: tqdm) -> list[Generation]:
-        """Generate for one batch (longest prompt first); rows leave the batch and the cache as soon as they finish."""
+    def run(self, prompts: list[list[int]], bar: tqdm,
+            generators: list[torch.Generator] | None = None) -> list[Generation]:
+        """Generate for one batch (longest prompt first); rows leave the batch and the cache as soon as they finish.
+        With `generators` (one per prompt) each row samples from its own."""
         settings = self.settings
         logits, cache, attention_mask = self.prefill(prompts)
         next_positions = attention_mask.sum(-1, keepdim=True)  # (rows, 1): real tokens so far
@@ -194,7 +205,7 @@ class _Decoder:
         tokens: list[list[int]] = [[] for _ in prompts]
         results: list[Generation | None] = [None] * len(prompts)
         for step in range(settings.max_new_tokens):
-            next_tokens = self.pick(logits)  # (alive,)
+            next_tokens = self.pick(logits, None if generators is None else [generators[r] for r in alive])  # (alive,)
             finished = []
             for j, (row, token) in enumerate(zip(alive, next_tokens.tolist())):
                 tokens[row].append(token)
@@ -279,12 +290,14 @@ class _Decoder:
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # (rows, width): real tokens count from 0
         return self.forward(input_ids, attention_mask, position_ids, cache)
 
-    def pick(self, logits: torch.Tensor) -> torch.Tensor:
-        """The next token of every row: argmax when greedy, else a seeded sample after temperature, top-k, top-p."""
+    def pick(self, logits: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        """The next token of every row: argmax when greedy, else a seeded sample after temperature, top-k, top-p
+        (from the rows' own `generators` when given)."""
         if self.sampler is None:
             return logits.argmax(-1)
         s = self.settings
-        return sample(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, generator=self.sampler)
+        return sample(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                      generator=generators if generators is not None else self.sampler)
 
     def finish(self, tokens: list[int], *, last_step: bool) -> Generation | None:
         """The finished Generation when `tokens` ends the row (EOS, stop string, or length), else None."""
@@ -296,8 +309,9 @@ class _Decoder:
 
 
 def sample(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float,
-           generator: torch.Generator) -> torch.Tensor:
-    """One seeded sample per row of `logits` (rows, vocab) after temperature, top-k and top-p filtering."""
+           generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+    """One seeded sample per row of `logits` (rows, vocab) after temperature, top-k and top-p filtering;
+    `generator` is shared by the rows, or a list of one per row."""
     logits = logits / temperature  # (rows, vocab)
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (rows, 1)
@@ -317,7 +331,11 @@ def sample(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float
     if not bool(torch.isfinite(total).all()):
         raise TunesmithError("generation: the model gave NaN or infinite logits; the weights have diverged "
                              "(lower the learning rate, or check train.max_grad_norm)")
-    u = torch.rand(total.shape, generator=generator, device=cdf.device, dtype=cdf.dtype) * total
+    if isinstance(generator, list):  # each row draws from its own: its answer does not depend on its batch
+        u = torch.cat([torch.rand((1, 1), generator=g, device=cdf.device, dtype=cdf.dtype) for g in generator])
+    else:
+        u = torch.rand(total.shape, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    u = u * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total even after rounding
     # The first token whose cumulated probability exceeds u: tokens of probability 0 are never chosen.
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)

@@ -127,6 +127,9 @@ class RewardSet:
         n = len(completions)
         total = [0.0] * n
         parts: dict[str, list[float]] = {}
+        if n == 0:  # a rank whose share of the prompts is empty: nothing to score, no call
+            names = [spec for spec, _ in self.fns] + (["reward_model"] if self.reward_model_path is not None else [])
+            return Scored(total=[], parts={name: [] for name in names})
         for (spec, fn), weight in zip(self.fns, self.weights):
             try:
                 values = fn(list(prompts), list(completions), **fields)
