@@ -3,18 +3,19 @@
 # config with random weights and a tokenizer trained on the spot: nothing is downloaded.
 #
 #   bash bench/gpu.sh wheels     # on a machine with pip access: put the Python packages the GPU machine may
-#                                # lack (the versions this checkout's .venv uses) in .whl/ (about 25 MB)
+#                                # lack (the versions this checkout's .venv uses) in .whl/ (about 25 MB,
+#                                # plus bitsandbytes' wheel, which holds its CUDA kernels: 125 MB installed)
 #   bash bench/gpu.sh [OUT_DIR]  # on the GPU machine, from the repository root: run everything (a few minutes)
 #
 # The run needs python3 with a CUDA build of torch. Wheels in .whl/ are installed into /tmp/site first when
 # present. It writes, under OUT_DIR (default $OUT, else /tmp/tunesmith-gpu-bench): gpu.txt (the card),
-# sft.jsonl (LoRA SFT, full SFT, continued pretraining), dpo.jsonl, grpo.jsonl, fsdp.jsonl (2+ GPUs), and each
-# one's log.
+# sft.jsonl (LoRA SFT, full SFT, continued pretraining), dpo.jsonl, grpo.jsonl, fsdp.jsonl (2+ GPUs), qlora.jsonl
+# (LoRA against QLoRA nf4 and int8, bitsandbytes), and each one's log.
 # Goal on GPU (issue "Performance"): >= 2x TRL's tokens/s at <= 0.4x its peak GPU memory (peak_cuda_mib).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-WHEELS="transformers tokenizers huggingface_hub hf_xet peft trl datasets accelerate dill multiprocess xxhash fsspec safetensors"
+WHEELS="transformers tokenizers huggingface_hub hf_xet peft trl datasets accelerate dill multiprocess xxhash fsspec safetensors bitsandbytes"
 
 if [ "${1:-}" = "wheels" ]; then
     pin() { .venv/bin/python -c "import importlib.metadata as m; print(m.version('$1'))"; }
@@ -60,4 +61,6 @@ if [ "$ngpu" -ge 2 ]; then
 else
     echo "{\"bench\": \"fsdp\", \"skipped\": \"needs at least 2 GPUs, found $ngpu\"}" | tee "$out/fsdp.jsonl"
 fi
-echo "wrote $out: gpu.txt sft.jsonl dpo.jsonl grpo.jsonl and their logs"
+python3 bench/qlora.py --model-path "$model" --rows 256 --sides lora,nf4,int8 --workdir /tmp/tunesmith-gpu-qlora \
+    2> "$out/qlora.log" | tee "$out/qlora.jsonl"
+echo "wrote $out: gpu.txt sft.jsonl dpo.jsonl grpo.jsonl fsdp.jsonl qlora.jsonl and their logs"

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from tunesmith.errors import TunesmithError
+
+# peft imports bitsandbytes whenever it is installed (the `quant` extra), and on CPUs with AVX512-BF16 bitsandbytes
+# then warns that it could not fetch an optional inference kernel from the hub (`pip install kernels`). tunesmith
+# never uses that kernel (model.loading keeps 4-bit layers off it) and downloads nothing at run time.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

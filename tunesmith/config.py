@@ -45,6 +45,7 @@ class LoadConfig:
     allow_pickle: bool = field(default=False, metadata=_doc("accept pickle `.bin` weights (they can run code when loaded); safetensors only otherwise"))
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata=_doc("auto = float32 on CPU, bfloat16 on CUDA"))
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = field(default="sdpa", metadata=_doc("attention kernel; packing stays block-diagonal on each"))
+    quantize: Literal["nf4", "int8"] | None = field(default=None, metadata=_doc("hold the frozen base weights in 4-bit NF4 or 8-bit (bitsandbytes; QLoRA) with full-precision LoRA on top; needs lora; merged outputs are saved de-quantized in the model's dtype; null = no quantization"))
 
 
 @dataclass(kw_only=True)
@@ -67,6 +68,8 @@ class LoraConfig:
     alpha: float = field(default=32, metadata=_doc("scaling numerator: the update is scaled by alpha / r"))
     dropout: float = field(default=0.05, metadata=_doc("dropout on the adapter input"))
     target_modules: list[str] | str = field(default="all-linear", metadata=_doc("module names to adapt, or 'all-linear'"))
+    use_dora: bool = field(default=False, metadata=_doc("DoRA (Liu et al. 2024): a learned magnitude per output feature on top of the LoRA direction (peft's use_dora)"))
+    use_rslora: bool = field(default=False, metadata=_doc("rank-stabilised LoRA (Kalajdzievski 2023): scale the update by alpha / sqrt(r) instead of alpha / r (peft's use_rslora)"))
 
 
 @dataclass(kw_only=True)
@@ -341,6 +344,13 @@ def _check(cfg: Config, problems: list[str]) -> None:
     for where, value in (("train.eval_every", t.eval_every), ("train.save_every", t.save_every)):
         if isinstance(value, int) and value < 0:
             problems.append(f"{where}: must be 0 or more, got {value}")
+    if cfg.load.quantize is not None and t.distributed == "fsdp":
+        problems.append(f"load.quantize: {cfg.load.quantize!r} runs with train.distributed=ddp (each rank holds the whole "
+                        "quantized base); sharding bitsandbytes weights with FSDP is not supported; set train.distributed=ddp, or load.quantize=null for fsdp")
+    if cfg.load.quantize is not None and cfg.lora is None:
+        problems.append(f"load.quantize: {cfg.load.quantize!r} freezes the base weights in low precision, so it needs "
+                        "LoRA adapters to train; set a lora section (e.g. lora.r=16), or load.quantize=null for full "
+                        "fine-tuning")
     if cfg.lora is not None:
         if isinstance(cfg.lora.r, int) and cfg.lora.r < 1:
             problems.append(f"lora.r: must be at least 1, got {cfg.lora.r}")

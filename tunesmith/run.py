@@ -47,6 +47,7 @@ class RunResult:
     train_stats: DataStats
     eval_stats: DataStats | None = None
     parameters: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what a user of the outputs must know, said once at the end
 
     def summary(self) -> dict[str, Any]:
         """Plain-data summary, as saved in summary.json."""
@@ -64,6 +65,7 @@ class RunResult:
             "parameters": self.parameters,
             "train_data": asdict(self.train_stats),
             "eval_data": asdict(self.eval_stats) if self.eval_stats else None,
+            "notes": self.notes,
         }
 
 
@@ -240,7 +242,7 @@ def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCall
         if not resuming:
             (run_dir / "metrics.jsonl").write_text("")
         print(
-            f"tunesmith {cfg.method}: {resolved.spec} ({'LoRA r=' + str(cfg.lora.r) if cfg.lora else 'full'}; "
+            f"tunesmith {cfg.method}: {resolved.spec} ({_adapter_words(cfg)}; "
             f"{trainable:,} of {total:,} parameters trained) on {info.world_size} x {info.device.type}\n"
             f"  train: {train_data.stats.summary()}"
             + (f"\n  eval:  {eval_data.stats.summary()}" if eval_data else ""),
@@ -296,6 +298,7 @@ def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCall
         train_stats=train_data.stats,
         eval_stats=eval_data.stats if eval_data else None,
         parameters={"trainable": trainable, "total": total},
+        notes=output_notes(cfg, lm, outputs),
     )
     if info.is_main:
         outputs["metrics"] = str(run_dir / "metrics.jsonl")
@@ -308,6 +311,32 @@ def _train(cfg: Config, info: distributed.DistInfo, callbacks: Sequence[LoopCall
         trackers.finish(tracker_summary(result), artifacts)
         print(format_summary(result), flush=True)
     return result
+
+
+def _adapter_words(cfg: Config) -> str:
+    """How the run trains, for its first line: 'full', or e.g. 'DoRA r=16 on an nf4 base'."""
+    if cfg.lora is None:
+        return "full"
+    words = f"{'DoRA' if cfg.lora.use_dora else 'LoRA'} r={cfg.lora.r}{' rsLoRA' if cfg.lora.use_rslora else ''}"
+    return words + (f" on an {cfg.load.quantize} base" if cfg.load.quantize else "")
+
+
+def output_notes(cfg: Config, model: torch.nn.Module, outputs: dict[str, str]) -> list[str]:
+    """What the outputs of this run are that their names do not say (a quantized base saved de-quantized)."""
+    if cfg.load.quantize is None:
+        return []
+    dtype = str(model.get_base_model().dtype if hasattr(model, "get_base_model") else model.dtype).removeprefix("torch.")
+    notes = [f"trained on a base quantized to {cfg.load.quantize} (load.quantize); the adapter was learnt against "
+             f"those {cfg.load.quantize} weights"]
+    for key in ("merged", "reward_model"):
+        if key in outputs:
+            notes.append(f"{key}/ holds the base de-quantized from {cfg.load.quantize} to {dtype} with the adapter "
+                         "folded in: a plain model (no quantization config) that computes what the quantized run's "
+                         "model did, not the original full-precision base plus the adapter")
+    if "adapter" in outputs:
+        notes.append(f"adapter/ on the original full-precision base differs slightly from the run's model; load the "
+                     f"base with load.quantize={cfg.load.quantize} (or use merged/) to reproduce it")
+    return notes
 
 
 def _gather_model(sharded: torch.nn.Module, cfg: Config, resolved, method, info: distributed.DistInfo
@@ -381,6 +410,7 @@ def format_summary(result: RunResult) -> str:
         lines.append(
             f"  over-long samples: {result.train_stats.num_truncated} truncated, {result.train_stats.num_dropped} dropped"
         )
+    lines += [f"  note: {note}" for note in result.notes]
     lines.append("wrote:")
     width = max(len(k) for k in result.outputs) if result.outputs else 0
     for key, path in result.outputs.items():

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -91,10 +92,12 @@ def load_models(items: list[tuple[str | None, str]], load: LoadConfig | None = N
                              "NAME=MODEL_OR_RUN")
 
     # One engine per base: LoRA runs of the same base, and that base itself when served, share its weights.
-    adapted_bases = {run.base for _, run in located if run.adapter is not None}
+    # A DoRA adapter gets an engine of its own: peft cannot choose DoRA adapters per row (`adapter_names`).
+    adapted_bases = {run.base for _, run in located if run.adapter is not None and not _is_dora(run)}
     groups: dict[str, list[tuple[str, RunModel]]] = {}
     for name, run in located:
-        groups.setdefault(run.base if run.base in adapted_bases else f"{run.base}\0{name}", []).append((name, run))
+        shared = run.base in adapted_bases and not _is_dora(run)
+        groups.setdefault(run.base if shared else f"{run.base}\0{name}", []).append((name, run))
     served: dict[str, Served] = {}
     for members in groups.values():
         first = members[0][1]
@@ -115,6 +118,16 @@ def load_models(items: list[tuple[str | None, str]], load: LoadConfig | None = N
             tokenizer = load_tokenizer(tokenizer_source(r, load), load)
             served[n] = Served(n, engine, n if (several and r.adapter is not None) else None, tokenizer, r.spec)
     return served
+
+
+def _is_dora(run: Any) -> bool:
+    """Whether a run's adapter is DoRA (its adapter_config.json says use_dora)."""
+    if run.adapter is None:
+        return False
+    try:
+        return bool(json.loads((Path(run.adapter) / "adapter_config.json").read_text(encoding="utf-8")).get("use_dora"))
+    except (OSError, ValueError):
+        return False  # peft reports a missing or broken adapter config when it loads the adapter
 
 
 # ---------------------------------------------------------------- requests

@@ -216,6 +216,26 @@ def _saved_with_cache_on(model: PreTrainedModel) -> Iterator[None]:
         model.config.use_cache = before
 
 
+@contextmanager
+def _saved_unquantized(model: PreTrainedModel) -> Iterator[None]:
+    # A merged state dict of a quantized base is de-quantized already; without this transformers would save the
+    # model as (and reload it as) a bitsandbytes model, quantization_config and all.
+    quantizer = getattr(model, "hf_quantizer", None)
+    config = getattr(model.config, "quantization_config", None)
+    if quantizer is None and config is None:
+        yield
+        return
+    model.hf_quantizer = None
+    if config is not None:
+        del model.config.quantization_config
+    try:
+        yield
+    finally:
+        model.hf_quantizer = quantizer
+        if config is not None:
+            model.config.quantization_config = config
+
+
 # ---------------------------------------------------------------- outputs
 
 
@@ -236,7 +256,8 @@ def save_merged(model: PeftModel, tokenizer: PreTrainedTokenizerBase, out_dir: s
 
     `model` is left exactly as it was (`merged_state_dict` merges into copies of the adapted weights), so training
     or evaluation can go on with the adapter. The merged weights are gathered on the CPU, in the base model's dtype;
-    peak extra memory is about one CPU copy of the adapted layers.
+    peak extra memory is about one CPU copy of the adapted layers. A quantized base (`load.quantize`) is saved
+    de-quantized in that dtype, with no quantization config: a plain model that loads without bitsandbytes.
     """
     from peft import PeftModel
 
@@ -244,7 +265,7 @@ def save_merged(model: PeftModel, tokenizer: PreTrainedTokenizerBase, out_dir: s
         raise TypeError(f"save_merged needs a PeftModel (from apply_lora), got {type(model).__name__}; use save_full")
     state_dict = merged_state_dict(model)
     base = model.get_base_model()
-    with atomic_dir(out_dir) as tmp, _saved_with_cache_on(base):
+    with atomic_dir(out_dir) as tmp, _saved_with_cache_on(base), _saved_unquantized(base):
         base.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
     return Path(out_dir)

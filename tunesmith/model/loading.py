@@ -163,18 +163,83 @@ def load_model(resolved: ResolvedModel, load: LoadConfig, device: torch.device |
     from transformers import AutoModelForCausalLM
 
     device = device if device is not None else default_device()
+    dtype = _dtype(load.dtype, device)
+    quantized = {}
+    if load.quantize is not None:
+        # bitsandbytes places quantized weights as it loads them; such a model refuses a later `.to(device)`
+        quantized = {"quantization_config": quantization_config(load.quantize, dtype), "device_map": {"": device}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             resolved.path,
-            dtype=_dtype(load.dtype, device),
+            dtype=dtype,
             attn_implementation=attention.register() if load.attn_implementation == "sdpa" else load.attn_implementation,
             trust_remote_code=load.trust_remote_code,
             use_safetensors=None if load.allow_pickle else True,
+            **quantized,
         )
     except _load_errors() as exc:
         raise TunesmithError(_load_failure(resolved, "model", load, exc)) from exc
     model.config.use_cache = False
+    if quantized:
+        _keep_4bit_layout(model)
+        if device.type == "cpu":
+            _release_weights_file(model)
+        return model
     return model.to(device)
+
+
+@torch.no_grad()
+def _release_weights_file(model: torch.nn.Module) -> None:
+    """Copy a quantized CPU model's unquantized weights (embeddings, norms) out of the memory-mapped weights file.
+
+    transformers loads safetensors memory-mapped; the unquantized tensors stay views of that mapping, which keeps
+    it alive, and with it every page the quantization read: the whole full-precision file stays in the process's
+    resident memory (0.5 GB for SmolLM2-135M, more than the 4-bit weights save). Copied, the mapping is dropped.
+    """
+    for module in model.modules():
+        quantized = type(getattr(module, "weight", None)).__name__ in ("Params4bit", "Int8Params")
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if not (quantized and name == "weight"):
+                tensor.data = tensor.data.clone()
+
+
+def _keep_4bit_layout(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit CPU layers on the layout they train with.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight for its bf16 inference kernel the first
+    time the layer runs in eval mode without gradients (our evaluation before training does) and keeps it so:
+    from then on activations are rounded to bf16 and the kernel has no backward, so the gradients that reach
+    the adapters below it are wrong (torch warns "an autograd kernel was not registered"). Training, eval and
+    the merge must all see the same float32 computation.
+    """
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+
+
+def quantization_config(kind: str, dtype: torch.dtype) -> object:
+    """transformers' BitsAndBytesConfig for `load.quantize` (nf4 or int8); the adapters compute in `dtype`.
+
+    bitsandbytes runs on CUDA and, since 0.48, on the CPU (its `libbitsandbytes_cpu` kernels and torch
+    fallbacks), so one code path serves both. Which modules stay unquantized (the output head, tied
+    embeddings) is transformers' choice, as for any BitsAndBytesConfig.
+    """
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise TunesmithError(
+            f"load.quantize: {kind!r} needs the bitsandbytes package, which is not installed; install it with "
+            "`pip install 'tunesmith[quant]'`, or set load.quantize=null"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if kind == "nf4":
+        # double quantization also stores the per-block scales in 8 bits (QLoRA's recipe, Dettmers et al. 2023)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise TunesmithError(f"load.quantize: expected 'nf4', 'int8' or null, got {kind!r}")
 
 
 def _dtype(name: str, device: torch.device) -> torch.dtype:

@@ -21,7 +21,8 @@ def apply_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
     """Wrap `model` with fresh LoRA adapters; only the adapter parameters stay trainable.
 
     LoRA B starts at zero, so the wrapped model computes exactly what the base model did until it is trained.
-    `target_modules="all-linear"` adapts every linear layer except the output head.
+    `target_modules="all-linear"` adapts every linear layer except the output head. Over a quantized base
+    (`load.quantize`) peft puts its bitsandbytes LoRA layers, whose adapters stay in full precision.
     """
     import peft
 
@@ -32,6 +33,8 @@ def apply_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         bias="none",
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
     )
     try:
         with warnings.catch_warnings():
@@ -120,6 +123,8 @@ def merged_weight(layer: torch.nn.Module, active: list[str]) -> torch.Tensor:
     convolutions) is merged by peft's own code into a copy of W, which is then put back.
     """
     weight = layer.get_base_layer().weight
+    if quantized_weight(layer.get_base_layer()):
+        return _merged_quantized(layer, active)
     if _plain(layer, active):
         merged = weight.detach()
         for adapter in active:
@@ -139,10 +144,48 @@ def merged_weight(layer: torch.nn.Module, active: list[str]) -> torch.Tensor:
         layer.merged_adapters[:] = merged_before
 
 
+def quantized_weight(module: torch.nn.Module) -> bool:
+    """Whether `module` is a bitsandbytes linear whose own weight is stored in 4 or 8 bits (`load.quantize`).
+
+    Its own: a LoRA layer over such a linear shows the base layer's weight as `.weight` too, but is not one.
+    """
+    weight = dict(module.named_parameters(recurse=False)).get("weight")
+    return type(weight).__name__ in ("Params4bit", "Int8Params")
+
+
+@torch.no_grad()
+def dequantized_weight(module: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A new `dtype` tensor: the weight of a bitsandbytes linear (`quantized_weight`) de-quantized."""
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    return dequantize_bnb_weight(module.weight, state=getattr(module, "state", None)).to(dtype)
+
+
+@torch.no_grad()
+def _merged_quantized(layer: torch.nn.Module, active: list[str]) -> torch.Tensor:
+    """The de-quantized base weight with the adapters folded in, in the adapters' dtype (full precision).
+
+    peft's own merge for these layers would quantize the sum again, rounding a young adapter's small change away;
+    this one keeps it, and leaves the layer untouched.
+    """
+    dtype = next(iter(layer.lora_A[active[0]].parameters())).dtype if active else torch.float32
+    merged = dequantized_weight(layer.get_base_layer(), dtype)
+    for adapter in active:
+        if adapter in layer.lora_variant:  # DoRA: peft's merge of the variant, on a copy
+            merged = layer.lora_variant[adapter].merge_safe(layer, adapter, merged)
+        else:
+            merged = merged + layer.get_delta_weight(adapter).to(dtype)
+    return merged
+
+
 @torch.no_grad()
 def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The base model's state dict under its original names, each LoRA layer's active adapters merged into its
-    weight (on the CPU, in the weight's dtype); the model itself is left exactly as it was."""
+    weight (on the CPU, in the weight's dtype); the model itself is left exactly as it was.
+
+    A quantized base (`load.quantize`) comes out de-quantized in the model's dtype (that of its unquantized
+    weights), with bitsandbytes' bookkeeping entries (absmax, quant_map, SCB, ...) left out: a plain model.
+    """
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper
@@ -163,11 +206,23 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         weight = layer.get_base_layer().weight if layer.merged else merged_weight(layer, active_adapters(layer))
         merged[f"{name}.weight"] = weight.detach().to("cpu")
 
+    dtype = base.dtype  # the first floating-point weight's: quantized weights are integers
+    quantized = {name: module for name, module in base.named_modules() if quantized_weight(module)}
+    for name, module in quantized.items():
+        owner = _owning_layer(f"{name}.weight", lora_layers)
+        if owner is None:  # a quantized linear without an adapter
+            merged[f"{name}.weight"] = dequantized_weight(module, dtype).to("cpu")
+        elif merged[f"{owner}.weight"].dtype != dtype:
+            merged[f"{owner}.weight"] = merged[f"{owner}.weight"].to(dtype)
+
     state_dict: dict[str, torch.Tensor] = {}
     for key, tensor in base.state_dict().items():
+        holder = _owning_layer(key, quantized)
+        if holder is not None and key not in (f"{holder}.weight", f"{holder}.bias"):
+            continue  # bitsandbytes' quantization state of that weight
         owner = _owning_layer(key, lora_layers)
         if owner is None:
-            state_dict[key] = tensor
+            state_dict[key] = merged.get(key, tensor)
             continue
         rest = key[len(owner) + 1 :]
         if rest.startswith("base_layer."):  # lora_A / lora_B / magnitude entries are dropped

@@ -47,7 +47,8 @@ def save_reward_model(model: RewardModel, tokenizer, out_dir: Path) -> Path:
     lm = model.lm
     base = unwrap(lm)
     state = merged_state_dict(lm) if hasattr(lm, "get_base_model") else base.state_dict()
-    config = base.config.__class__.from_dict(base.config.to_dict())
+    # a quantized base (load.quantize) is saved de-quantized: its merged state dict holds plain weights
+    config = base.config.__class__.from_dict({k: v for k, v in base.config.to_dict().items() if k != "quantization_config"})
     config.num_labels = 1
     config.architectures = None
     config.pad_token_id = tokenizer.pad_token_id
