@@ -335,7 +335,8 @@ class Stage:
         self.label, self.spec, self.run_dir = label, spec, run_dir
         self.result: dict = {}
         self.doc_losses: list[tuple[float, float]] = []
-        self.wall_s = self.cpu_s = 0.0
+        self.wall_s = self.cpu_s = 0.0  # training, from loading the previous model to writing merged/
+        self.eval_wall_s = self.eval_cpu_s = 0.0  # answering the test rows and scoring the held-out documents
 
 
 def train_stage(out: Path, method: str, previous: Stage, settings: dict) -> Stage:
@@ -358,6 +359,7 @@ def evaluate_stage(out: Path, stage: Stage, heldout_docs: list[dict]) -> None:
     from tunesmith.eval.evaluate import evaluate, load_for_eval
     from tunesmith.model.generate import GenerationSettings
 
+    wall, cpu = time.perf_counter(), time.process_time()
     model, tokenizer, run_dir = load_for_eval(stage.spec, LoadConfig())
     test = str(out / "data/test.jsonl")
     result = evaluate(model, tokenizer, load_eval_examples(test), metrics=list(METRICS), perplexity=True,
@@ -365,12 +367,14 @@ def evaluate_stage(out: Path, stage: Stage, heldout_docs: list[dict]) -> None:
                       spec=stage.spec, data=test, run_dir=run_dir)
     stage.result = result.to_dict()
     stage.doc_losses = document_losses(model, tokenizer, [d["text"] for d in heldout_docs])
+    stage.eval_wall_s, stage.eval_cpu_s = time.perf_counter() - wall, time.process_time() - cpu
     print(f"{stage.label}: exact match {stage.result['metrics']['exact_match']:.1%} on {len(result.rows)} held-out "
           f"rows, {DOMAIN_PPL} {_perplexity(stage.doc_losses):.2f}", flush=True)
 
 
 def document_losses(model, tokenizer, texts: list[str]) -> list[tuple[float, float]]:
-    """(mean next-token loss, number of predicted tokens) of each text, tokenized as pretraining tokenizes it."""
+    """(mean next-token loss, number of predicted tokens) of each text, encoded by the tokenizer on its own (the
+    same for every stage, so the stages compare like for like)."""
     import torch
     import torch.nn.functional as F
 
@@ -415,7 +419,8 @@ def stage_table(stages: list[Stage]) -> list[dict]:
         entry = {"stage": stage.label, "exact_match": stage.result["metrics"]["exact_match"],
                  "answer_perplexity": stage.result.get("perplexity"),
                  DOMAIN_PPL: _perplexity(stage.doc_losses), "train_wall_s": round(stage.wall_s, 1),
-                 "train_cpu_s": round(stage.cpu_s, 1)}
+                 "train_cpu_s": round(stage.cpu_s, 1), "eval_wall_s": round(stage.eval_wall_s, 1),
+                 "eval_cpu_s": round(stage.eval_cpu_s, 1)}
         if prev is not None:
             prev_em = [row["scores"].get("exact_match") for row in prev.result["rows"]]
             delta, lo, hi = paired_delta_ci(em, prev_em, num_samples=NUM_BOOTSTRAP, confidence=CONFIDENCE, seed=SEED)
