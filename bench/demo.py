@@ -4,7 +4,8 @@ interval, and the wall and CPU seconds of its training, one JSON line per stage 
 Each seed runs the demo in its own child process (`python -m tunesmith.demo --seed N`), so every seed pays the
 first model import, as `make demo` does; the whole run's wall and CPU time and the load average come with it.
 
-    python bench/demo.py --seeds 0 1 2 --workdir /tmp/bench-demo
+    python bench/demo.py --seeds 0 1 2 --workdir /tmp/bench-demo > lines.jsonl
+    python bench/demo.py --markdown lines.jsonl      # the per-stage table of bench/RESULTS.md
 """
 
 from __future__ import annotations
@@ -49,13 +50,43 @@ def run_seed(seed: int, workdir: Path, extra: list[str]) -> list[dict]:
     return [*rows, total]
 
 
+def _change(entry: dict | None, scale: float, unit: str) -> str:
+    if not entry:
+        return ""
+    lo, hi = entry["ci"]
+    return f"{scale * entry['delta']:+.1f}{unit} ({scale * lo:+.1f} to {scale * hi:+.1f}) {entry['verdict']}"
+
+
+def markdown(paths: list[Path]) -> str:
+    """The per-stage table (one row per seed and stage) from the JSON lines this script printed."""
+    rows = [json.loads(line) for p in paths for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = ["| seed | stage | exact match | change vs previous stage (95% CI) | domain ppl | change vs previous "
+             "(95% CI) | train wall s | train CPU s | eval wall s | eval CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["seed"], r["stage"] == "whole demo")):
+        if r["stage"] == "whole demo":
+            lines.append(f"| {r['seed']} | **whole demo** (exit {r['exit_code']}) | | | | | {r['wall_s']:.0f} | "
+                         f"{r['cpu_s']:.0f} | | |")
+            continue
+        lines.append(
+            f"| {r['seed']} | {r['stage']} | {100 * r['exact_match']:.1f}% | "
+            f"{_change(r.get('exact_match_delta'), 100, ' pt')} | {r['domain text perplexity']:.2f} | "
+            f"{_change(r.get('domain text perplexity_delta'), 1, '')} | {r['train_wall_s']:.0f} | "
+            f"{r['train_cpu_s']:.0f} | {r.get('eval_wall_s', 0):.0f} | {r.get('eval_cpu_s', 0):.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     """Run the demo once per seed and print every stage's row as a JSON line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-demo"))
+    parser.add_argument("--markdown", type=Path, nargs="+", metavar="LINES",
+                        help="print the per-stage table from earlier output of this script, and run nothing")
     parser.add_argument("demo_args", nargs="*", help="further options for tunesmith.demo (after --)")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(args.markdown))
+        return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
     failed = 0
     for seed in args.seeds:

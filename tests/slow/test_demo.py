@@ -17,7 +17,11 @@ from tunesmith import demo
 @pytest.mark.slow
 def test_demo_every_stage_improves_on_the_one_before(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    code = demo.main(["--out", str(out), "--seed", "0"])
+    check_demo(out, demo.main(["--out", str(out), "--seed", "0"]))
+
+
+def check_demo(out: Path, code: int) -> None:
+    """The claims of one finished demo run in `out` that exited with `code`."""
     table = {row["stage"]: row for row in json.loads((out / "stages.json").read_text())["stages"]}
     assert list(table) == ["base", "pretrain", "sft", "grpo"]
     ppl = table["pretrain"][demo.DOMAIN_PPL + "_delta"]
