@@ -50,11 +50,12 @@ def run_seed(seed: int, workdir: Path, extra: list[str]) -> list[dict]:
     return [*rows, total]
 
 
-def _change(entry: dict | None, scale: float, unit: str) -> str:
+def _change(entry: dict | None, scale: float, unit: str, digits: int = 1) -> str:
     if not entry:
         return ""
     lo, hi = entry["ci"]
-    return f"{scale * entry['delta']:+.1f}{unit} ({scale * lo:+.1f} to {scale * hi:+.1f}) {entry['verdict']}"
+    f = f"{{:+.{digits}f}}"
+    return f"{f.format(scale * entry['delta'])}{unit} ({f.format(scale * lo)} to {f.format(scale * hi)}) {entry['verdict']}"
 
 
 def markdown(paths: list[Path]) -> str:
@@ -70,7 +71,7 @@ def markdown(paths: list[Path]) -> str:
         lines.append(
             f"| {r['seed']} | {r['stage']} | {100 * r['exact_match']:.1f}% | "
             f"{_change(r.get('exact_match_delta'), 100, ' pt')} | {r['domain text perplexity']:.2f} | "
-            f"{_change(r.get('domain text perplexity_delta'), 1, '')} | {r['train_wall_s']:.0f} | "
+            f"{_change(r.get('domain text perplexity_delta'), 1, '', 2)} | {r['train_wall_s']:.0f} | "
             f"{r['train_cpu_s']:.0f} | {r.get('eval_wall_s', 0):.0f} | {r.get('eval_cpu_s', 0):.0f} |")
     return "\n".join(lines)
 
