@@ -447,10 +447,10 @@ def print_summary(out: Path, stages: list[Stage], table: list[dict], test_rows: 
     """The per-stage table, an example, each stage's verdict and what was written where; returns the stages that
     did not help."""
     print("\n" + "=" * 100)
-    print(f"held-out: {len(test_rows)} test rows, {args.heldout_docs} documents; change vs the previous stage, "
-          "paired 95% CI")
-    print(f"{'stage':<9}{'exact match':>12}{'change (95% CI)':>30}{DOMAIN_PPL:>24}{'change (95% CI)':>26}"
-          f"{'train s':>9}{'cpu s':>8}")
+    print(f"held-out: {len(test_rows)} test rows, {args.heldout_docs} documents; each change is from the previous "
+          "stage, with its paired 95% CI")
+    print(f"{'stage':<9} {'exact match':>11}  {'change, points':<32}{'domain ppl':>10}  {'change':<28}"
+          f"{'train s':>8}{'cpu s':>7}")
     for row in table:
         em = row.get("exact_match_delta")
         ppl = row.get(DOMAIN_PPL + "_delta")
@@ -458,21 +458,26 @@ def print_summary(out: Path, stages: list[Stage], table: list[dict], test_rows: 
                                          f"{100 * em['ci'][1]:+.1f}) {em['verdict']}")
         ppl_text = "" if ppl is None else (f"{ppl['delta']:+.2f} ({ppl['ci'][0]:+.2f} to {ppl['ci'][1]:+.2f}) "
                                            f"{ppl['verdict']}")
-        print(f"{row['stage']:<9}{row['exact_match']:>12.1%}{em_text:>30}{row[DOMAIN_PPL]:>24.2f}{ppl_text:>26}"
-              f"{row['train_wall_s']:>9.0f}{row['train_cpu_s']:>8.0f}")
+        print(f"{row['stage']:<9} {row['exact_match']:>11.1%}  {em_text:<32}{row[DOMAIN_PPL]:>10.2f}  {ppl_text:<28}"
+              f"{row['train_wall_s']:>8.0f}{row['train_cpu_s']:>7.0f}")
     failed = []
     print()
-    for row in table:
+    for prev, row in zip(table, table[1:]):
         if "helped" not in row:
             continue
-        change = row["exact_match_delta"] if row["measure"] == "exact match" else row[DOMAIN_PPL + "_delta"]
+        if row["measure"] == "exact match":
+            change, scale, unit = row["exact_match_delta"], 100.0, " points"
+            before, after = f"{prev['exact_match']:.1%}", f"{row['exact_match']:.1%}"
+        else:
+            change, scale, unit = row[DOMAIN_PPL + "_delta"], 1.0, ""
+            before, after = f"{prev[DOMAIN_PPL]:.2f}", f"{row[DOMAIN_PPL]:.2f}"
+        numbers = (f"{row['measure']} {before} -> {after}, {scale * change['delta']:+.2f}{unit} (95% CI "
+                   f"{scale * change['ci'][0]:+.2f} to {scale * change['ci'][1]:+.2f})")
         if row["helped"]:
-            print(f"{row['stage']}: did its job, {row['measure']} improved by the interval's whole width "
-                  f"({change['ci'][0]:+.3g} to {change['ci'][1]:+.3g})")
+            print(f"{row['stage']}: did its job: {numbers}")
         else:
             failed.append(row["stage"])
-            print(f"{row['stage']}: DID NOT HELP on {row['measure']} (change {change['delta']:+.3g}, 95% CI "
-                  f"{change['ci'][0]:+.3g} to {change['ci'][1]:+.3g}: {change['verdict']})")
+            print(f"{row['stage']}: DID NOT HELP: {numbers}, {change['verdict']}")
     ex = test_rows[0]
     print(f"\nexample: {ex['messages'][1]['content'].splitlines()[-1]}\n  reference: {ex['messages'][-1]['content']}")
     for s in stages:
