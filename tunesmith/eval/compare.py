@@ -32,8 +32,13 @@ def compare(
     limit: int | None = None,
     device: str | None = None,
     reward_model: str | None = None,
+    chain: bool = False,
 ) -> Path:
-    """Evaluate every model (label -> spec) on the same rows of `data` and write the report; returns report.html."""
+    """Evaluate every model (label -> spec) on the same rows of `data` and write the report; returns report.html.
+
+    With `chain`, the models are stages in the order given, the base first: the report also compares each
+    with the one before it.
+    """
     from tunesmith.data.examples import load_eval_examples
     from tunesmith.eval.evaluate import evaluate, load_for_eval
     from tunesmith.eval.report import write_report
@@ -41,6 +46,9 @@ def compare(
 
     if base_label not in models:
         raise TunesmithError(f"the base model {base_label!r} is not among the models to compare ({', '.join(models)})")
+    if chain and next(iter(models)) != base_label:
+        raise TunesmithError(f"--chain: the stages start at the base {base_label!r}, but the first model given is "
+                             f"{next(iter(models))!r}; list the models in the order the stages ran, base first")
     if len(models) < 2:
         raise TunesmithError(f"compare needs at least two models, got {len(models)}: add --tuned M or --model NAME=M")
     if limit is not None and limit < 1:
@@ -84,8 +92,9 @@ def compare(
         print(f"compare: scoring every answer with the reward model {reward_model}", flush=True)
         add_reward_scores(results, examples, reward_model, batch_size=settings.batch_size)
         _free_memory()
-    title = " vs ".join(order)
-    return write_report(results, examples, Path(out_dir), base_label=base_label, title=f"{title} on {Path(data).name}")
+    title = (" -> " if chain else " vs ").join(order)
+    return write_report(results, examples, Path(out_dir), base_label=base_label, title=f"{title} on {Path(data).name}",
+                        chain=chain)
 
 
 def _check_metrics(metrics: list[str]) -> None:
@@ -145,6 +154,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N rows")
     parser.add_argument("--reward-model", metavar="RUN", help="a `method: reward` run: adds a reward column and "
                         "each model's win rate against the base, judged by it")
+    parser.add_argument("--chain", action="store_true",
+                        help="the models are stages in the order given (--base, --tuned, then each --model): each is "
+                        "also compared with the one before it, and the headline says what each stage added")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with a hub model")
     parser.set_defaults(func=main)
 
@@ -158,7 +170,7 @@ def main(args: argparse.Namespace) -> int:
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     load = LoadConfig(trust_remote_code=args.trust_remote_code)
     report = compare(models, args.data, args.out, metrics=args.metrics, settings=settings, load=load,
-                     limit=args.limit, reward_model=args.reward_model)
+                     limit=args.limit, reward_model=args.reward_model, chain=args.chain)
     # The headline was computed once for the report; reading it back keeps console and report identical.
     comparison = json.loads((report.parent / RESULTS_FILE).read_text(encoding="utf-8"))["comparison"]
     print("\n".join(comparison["headline"]))

@@ -48,6 +48,12 @@ class ModelScore:
     delta_lo: float | None = None
     delta_hi: float | None = None
     verdict: str | None = None  # "better" | "worse" | "level" (interval of the delta holds 0)
+    # In a chain of stages: the difference from the model before this one, over the rows both were scored on
+    previous: str | None = None
+    step_delta: float | None = None
+    step_lo: float | None = None
+    step_hi: float | None = None
+    step_verdict: str | None = None
 
 
 @dataclass
@@ -70,15 +76,22 @@ class Comparison:
     num_rows: int
     headline: list[str]
     disagreements: list[int]  # row indices where the models' scores differ
+    chain: bool = False  # the models are stages in order: each is also compared with the one before it
 
 
-def compare_results(results: list[EvalResult], base_label: str = "base") -> Comparison:
-    """Means, bootstrap intervals and paired deltas against the base, for every metric and perplexity."""
+def compare_results(results: list[EvalResult], base_label: str = "base", *, chain: bool = False) -> Comparison:
+    """Means, bootstrap intervals and paired deltas against the base, for every metric and perplexity.
+
+    With `chain`, the results are stages in order (base -> stage 1 -> stage 2 ...): every model after the
+    base also gets its paired delta against the model just before it, and the headline says what each stage added.
+    """
     labels = [r.label for r in results]
     if len(set(labels)) != len(labels):
         raise ValueError(f"model labels must be unique, got {labels}")
     if base_label not in labels:
         raise ValueError(f"base model {base_label!r} is not among the results {labels}")
+    if chain and labels[0] != base_label:
+        raise ValueError(f"a chain starts at its base: {base_label!r} must come first, got {labels}")
     by_label = {r.label: r for r in results}
     base = by_label[base_label]
     measures = [_metric_measure(name, results, base) for name in _metric_names(results)]
@@ -93,14 +106,17 @@ def compare_results(results: list[EvalResult], base_label: str = "base") -> Comp
         num_rows=max((len(r.rows) for r in results), default=0),
         headline=[],
         disagreements=_disagreements(results),
+        chain=chain,
     )
-    comparison.headline = _headline_lines(comparison)
+    if chain:
+        _add_steps(comparison, results)
+    comparison.headline = _chain_headline_lines(comparison) if chain else _headline_lines(comparison)
     return comparison
 
 
-def headline(results: list[EvalResult], base_label: str = "base") -> str:
-    """The headline numbers as console text: one sentence per model against the base."""
-    return "\n".join(compare_results(results, base_label).headline)
+def headline(results: list[EvalResult], base_label: str = "base", *, chain: bool = False) -> str:
+    """The headline numbers as console text: one sentence per model against the base (per stage, in a chain)."""
+    return "\n".join(compare_results(results, base_label, chain=chain).headline)
 
 
 def _metric_names(results: list[EvalResult]) -> list[str]:
@@ -140,16 +156,62 @@ def _metric_measure(name: str, results: list[EvalResult], base: EvalResult) -> M
         lo, hi = bootstrap_ci(list(scores.values()), num_samples=NUM_BOOTSTRAP, confidence=CONFIDENCE, seed=SEED)
         score = ModelScore(value=value, lo=lo, hi=hi, num_rows=len(scores))
         if r is not base:
-            shared = sorted(set(scores) & set(base_scores))
-            if shared:
-                delta, dlo, dhi = paired_delta_ci(
-                    [scores[k] for k in shared], [base_scores[k] for k in shared],
-                    num_samples=NUM_BOOTSTRAP, confidence=CONFIDENCE, seed=SEED,
-                )
-                score.delta, score.delta_lo, score.delta_hi = delta, dlo, dhi
-                score.verdict = _verdict(dlo, dhi, higher_is_better=True)
+            paired = _paired_scores(scores, base_scores)
+            if paired is not None:
+                score.delta, score.delta_lo, score.delta_hi, score.verdict = paired
         measure.scores[r.label] = score
     return measure
+
+
+def _paired_scores(scores: dict[int, float], other: dict[int, float]) -> tuple[float, float, float, str] | None:
+    """Mean of scores - other over the rows both hold, its paired interval and verdict; None when no row is shared."""
+    shared = sorted(set(scores) & set(other))
+    if not shared:
+        return None
+    delta, lo, hi = paired_delta_ci([scores[k] for k in shared], [other[k] for k in shared],
+                                    num_samples=NUM_BOOTSTRAP, confidence=CONFIDENCE, seed=SEED)
+    return delta, lo, hi, verdict(lo, hi, higher_is_better=True)
+
+
+def _paired_perplexity(losses: dict[int, tuple[float, float]], other: dict[int, tuple[float, float]]
+                       ) -> tuple[float, float, float, str] | None:
+    """Perplexity of `losses` minus that of `other` on the rows both hold, with its paired interval and verdict."""
+    shared = sorted(set(losses) & set(other))
+    if not shared:
+        return None
+    delta, lo, hi = paired_perplexity_delta_ci(
+        [losses[k][0] for k in shared], [other[k][0] for k in shared],
+        [losses[k][1] for k in shared], [other[k][1] for k in shared],
+        num_samples=NUM_BOOTSTRAP, confidence=CONFIDENCE, seed=SEED,
+    )
+    return delta, lo, hi, verdict(lo, hi, higher_is_better=False)
+
+
+def _add_steps(c: Comparison, results: list[EvalResult]) -> None:
+    """Each stage's paired change from the stage before it, on every metric and on perplexity.
+
+    The reward win rate is measured against the base only (it is a share of wins over the base's answers).
+    """
+    for prev, r in zip(results, results[1:]):
+        for m in c.measures:
+            s = m.scores.get(r.label)
+            if s is None or m.name == WIN_RATE:
+                continue
+            s.previous = prev.label
+            if m.name == PERPLEXITY:
+                before = m.scores.get(prev.label)
+                if before is None:
+                    continue
+                paired = _paired_perplexity(_row_losses(r), _row_losses(prev))
+                if paired is None:  # no per-row losses: the change, without an interval
+                    s.step_delta = s.value - before.value
+                    s.step_verdict = "better" if s.step_delta < 0 else "worse" if s.step_delta > 0 else "level"
+                    continue
+            else:
+                paired = _paired_scores(_row_scores(r, m.name), _row_scores(prev, m.name))
+                if paired is None:
+                    continue
+            s.step_delta, s.step_lo, s.step_hi, s.step_verdict = paired
 
 
 def _win_rate_measure(results: list[EvalResult], base: EvalResult) -> Measure:
@@ -171,7 +233,7 @@ def _win_rate_measure(results: list[EvalResult], base: EvalResult) -> Measure:
         value = sum(wins) / len(wins)
         measure.scores[r.label] = ModelScore(
             value=value, lo=lo, hi=hi, num_rows=len(wins), delta=value - 0.5, delta_lo=lo - 0.5, delta_hi=hi - 0.5,
-            verdict=_verdict(lo - 0.5, hi - 0.5, higher_is_better=True),
+            verdict=verdict(lo - 0.5, hi - 0.5, higher_is_better=True),
         )
     return measure
 
@@ -192,15 +254,9 @@ def _perplexity_measure(results: list[EvalResult], base: EvalResult) -> Measure:
             )
         if r is not base and base.perplexity is not None and math.isfinite(base.perplexity):
             score.delta = score.value - float(base.perplexity)
-            shared = sorted(set(losses) & set(base_losses))
-            if shared:
-                _, dlo, dhi = paired_perplexity_delta_ci(
-                    [losses[k][0] for k in shared], [base_losses[k][0] for k in shared],
-                    [losses[k][1] for k in shared], [base_losses[k][1] for k in shared],
-                    num_samples=NUM_BOOTSTRAP, confidence=CONFIDENCE, seed=SEED,
-                )
-                score.delta_lo, score.delta_hi = dlo, dhi
-                score.verdict = _verdict(dlo, dhi, higher_is_better=False)
+            paired = _paired_perplexity(losses, base_losses)
+            if paired is not None:
+                _, score.delta_lo, score.delta_hi, score.verdict = paired
             else:
                 score.verdict = "better" if score.delta < 0 else "worse" if score.delta > 0 else "level"
         measure.scores[r.label] = score
@@ -223,7 +279,8 @@ def _row_losses(result: EvalResult) -> dict[int, tuple[float, float]]:
     return out
 
 
-def _verdict(lo: float, hi: float, *, higher_is_better: bool) -> str:
+def verdict(lo: float, hi: float, *, higher_is_better: bool) -> str:
+    """"better" or "worse" when the interval of a change excludes zero, else "level"."""
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0.0 <= hi:
         return "level"
     improved = lo > 0 if higher_is_better else hi < 0
@@ -304,6 +361,57 @@ def _headline_lines(c: Comparison) -> list[str]:
     return lines or ["no comparable scores: the models share no metric with the base"]
 
 
+def _chain_headline_lines(c: Comparison) -> list[str]:
+    """One line per stage: what it added to the stage before it; then the last stage against the base."""
+    primary = next((m for m in c.measures if m.name not in (PERPLEXITY, REWARD, WIN_RATE)), None)
+    ppl = next((m for m in c.measures if m.name == PERPLEXITY), None)
+    lines = []
+    for label in c.labels[1:]:
+        parts = []
+        if primary is not None and label in primary.scores:
+            parts.append(_step_sentence(primary, label))
+        if ppl is not None and label in ppl.scores and ppl.scores[label].previous in ppl.scores:
+            parts.append(_step_perplexity_sentence(ppl, label))
+        if parts:
+            lines.append(" ".join(p for p in parts if p))
+    if len(c.labels) > 2:  # the whole chain at once; with one stage its line above says it already
+        last = c.labels[-1]
+        if primary is not None and last in primary.scores and c.base_label in primary.scores:
+            lines.append(f"Overall: {_metric_sentence(primary, last, c.base_label)}")
+    return lines or ["no comparable scores: the stages share no metric"]
+
+
+def _step_sentence(m: Measure, label: str) -> str:
+    """What stage `label` did to measure `m` compared with the stage before it."""
+    s = m.scores[label]
+    prev = s.previous
+    if prev is None or prev not in m.scores or s.step_delta is None:
+        return ""
+    p = m.scores[prev]
+    name = _pretty(m.name)
+    ci = _fmt_interval(s.step_lo, s.step_hi, m.percent, signed=True)
+    ci = f" (95% CI {ci})" if ci else ""
+    delta = _fmt_delta(s.step_delta, m.percent)
+    both = f"{_fmt_value(p.value, m.percent)} -> {_fmt_value(s.value, m.percent)}"
+    if s.step_delta == 0 and s.step_lo == 0 and s.step_hi == 0:
+        return f"{label} changed nothing on {name} after {prev}: {both}, the same on every row."
+    if s.step_verdict == "better":
+        return f"{label} added {delta} on {name} to {prev}{ci}: {both}."
+    if s.step_verdict == "worse":
+        return f"{label} lost {delta} on {name} from {prev}{ci}: {both}."
+    return f"{label} did not change {name} beyond noise after {prev}: {delta}{ci}, {both}."
+
+
+def _step_perplexity_sentence(m: Measure, label: str) -> str:
+    s = m.scores[label]
+    p = m.scores[s.previous]
+    ci = _fmt_interval(s.step_lo, s.step_hi, False, signed=True)
+    ci = f", 95% CI of the change {ci}" if ci else ""
+    word = {"better": "down", "worse": "up"}.get(s.step_verdict or "level", "level within noise")
+    return (f"Perplexity of the reference answers {word}: {_fmt_number(p.value)} -> {_fmt_number(s.value)} "
+            f"(lower is better{ci}).")
+
+
 def _metric_sentence(m: Measure, label: str, base_label: str) -> str:
     s, b = m.scores[label], m.scores[base_label]
     ci = _fmt_interval(s.delta_lo, s.delta_hi, m.percent, signed=True)
@@ -339,15 +447,19 @@ def write_report(
     *,
     base_label: str = "base",
     title: str = "Base vs tuned",
+    chain: bool = False,
 ) -> Path:
     """Write results.json, the PNG plots and a self-contained report.html into out_dir; returns report.html.
+
+    With `chain`, the results are stages in order from the base, and every stage is also compared with the one
+    before it (`compare_results`).
 
     The files are written aside and moved in together: a failed write (a full disk) leaves the previous report whole.
     """
     from tunesmith.model.export import atomic_files
 
     out_dir = Path(out_dir)
-    comparison = compare_results(results, base_label)
+    comparison = compare_results(results, base_label, chain=chain)
     with atomic_files(out_dir, "the report into") as tmp:
         write_results(tmp, results, examples, _comparison_dict(comparison))
         images = _write_plots(results, comparison, tmp)
@@ -359,6 +471,7 @@ def write_report(
 def _comparison_dict(c: Comparison) -> dict[str, Any]:
     return {
         "base": c.base_label,
+        "chain": c.chain,
         "confidence": CONFIDENCE,
         "bootstrap_samples": NUM_BOOTSTRAP,
         "headline": c.headline,
@@ -373,6 +486,10 @@ def _comparison_dict(c: Comparison) -> dict[str, Any]:
                         "num_rows": s.num_rows,
                         **({} if s.delta is None else {
                             "delta": s.delta, "delta_ci": [s.delta_lo, s.delta_hi], "verdict": s.verdict,
+                        }),
+                        **({} if s.step_delta is None else {
+                            "previous": s.previous, "step_delta": s.step_delta,
+                            "step_delta_ci": [s.step_lo, s.step_hi], "step_verdict": s.step_verdict,
                         }),
                     }
                     for label, s in m.scores.items()
@@ -472,6 +589,8 @@ def _render_html(
     """The report page as one HTML string (no external resources)."""
     colors = plots.model_colors(c.labels, c.base_label)
     verdicts = {m.scores[k].verdict for m in c.measures[:1] for k in m.scores if k != c.base_label}
+    if c.chain:  # the tone follows what every stage added
+        verdicts = {m.scores[k].step_verdict for m in c.measures[:1] for k in m.scores if k != c.base_label}
     page = _environment().get_template(TEMPLATE).render(
         title=title,
         num_models=len(c.labels),
@@ -481,9 +600,8 @@ def _render_html(
         when=time.strftime("%Y-%m-%d %H:%M"),
         tone="better" if verdicts == {"better"} else "worse" if verdicts == {"worse"} else "",
         headline=c.headline,
-        base_label=c.base_label,
+        chain=c.chain,
         columns=[{"label": k, "color": colors[k]} for k in c.labels],
-        others=[k for k in c.labels if k != c.base_label],
         scores=_scores_table(c),
         images={group: [{"src": _data_uri(img.path), "alt": img.alt, "caption": img.caption} for img in imgs]
                 for group, imgs in images.items()},
@@ -504,9 +622,37 @@ def _settings_text(results: list[EvalResult]) -> str:
     return f" · {mode}" + (f", at most {limit} new tokens" if limit else "")
 
 
+def _delta_columns(c: Comparison) -> list[tuple[str, str, str]]:
+    """(label, against, kind) of each delta column: against the base; in a chain, each stage against the one
+    before it first, then each stage after the first against the base (the first's is its step already)."""
+    others = [k for k in c.labels if k != c.base_label]
+    if not c.chain:
+        return [(k, c.base_label, "base") for k in others]
+    steps = [(k, prev, "step") for prev, k in zip(c.labels, c.labels[1:])]
+    return steps + [(k, c.base_label, "base") for k in others[1:]]
+
+
+def _delta_cell(s: ModelScore | None, kind: str, percent: bool) -> dict[str, str] | None:
+    if s is None:
+        return None
+    if kind == "step":
+        delta, lo, hi, word = s.step_delta, s.step_lo, s.step_hi, s.step_verdict
+    else:
+        delta, lo, hi, word = s.delta, s.delta_lo, s.delta_hi, s.verdict
+    if delta is None:
+        return None
+    word = word or "level"
+    return {
+        "text": _fmt_delta(delta, percent),
+        "ci": _fmt_interval(lo, hi, percent, signed=True),
+        "verdict": word,
+        "word": {"better": "better", "worse": "worse", "level": "within noise"}[word],
+    }
+
+
 def _scores_table(c: Comparison) -> dict[str, Any]:
     """The rows of the scores table: each measure's formatted values and deltas, in column order."""
-    others = [k for k in c.labels if k != c.base_label]
+    columns = _delta_columns(c)
     rows = []
     for m in c.measures:
         cells: list[dict[str, str] | None] = []
@@ -516,24 +662,13 @@ def _scores_table(c: Comparison) -> dict[str, Any]:
                 "text": _fmt_value(s.value, m.percent),
                 "ci": _fmt_interval(s.lo, s.hi, m.percent, signed=False),
             })
-        deltas: list[dict[str, str] | None] = []
-        for label in others:
-            s = m.scores.get(label)
-            if s is None or s.delta is None:
-                deltas.append(None)
-                continue
-            verdict = s.verdict or "level"
-            deltas.append({
-                "text": _fmt_delta(s.delta, m.percent),
-                "ci": _fmt_interval(s.delta_lo, s.delta_hi, m.percent, signed=True),
-                "verdict": verdict,
-                "word": {"better": "better", "worse": "worse", "level": "within noise"}[verdict],
-            })
+        deltas = [_delta_cell(m.scores.get(label), kind, m.percent) for label, _, kind in columns]
         rows.append({"name": _pretty(m.name), "higher_is_better": m.higher_is_better, "cells": cells,
                      "deltas": deltas})
     ppl = next((m for m in c.measures if m.name == PERPLEXITY), None)
     return {
         "rows": rows,
+        "deltas": [{"label": label, "against": against, "step": kind == "step"} for label, against, kind in columns],
         "confidence": int(CONFIDENCE * 100),
         "num_bootstrap": NUM_BOOTSTRAP,
         "win_rate": any(m.name == WIN_RATE for m in c.measures),
