@@ -190,6 +190,33 @@ def nonfinite_weights(weights: dict[str, torch.Tensor]) -> list[str]:
     return [n for n, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
+def _fresh_folder(root: Path, tmp: Path, info: DistInfo) -> None:
+    """Rank 0 makes an empty temporary checkpoint folder (a leftover of a killed save is removed); all ranks wait."""
+    if info.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier(info)
+
+
+def _full_disk_advice(root: Path, final: Path) -> str:
+    """What to do when the disk filled while writing `final`: resume from the checkpoint before it, if any."""
+    previous = [d for d in checkpoint_dirs(root) if d != final]
+    return (f"the previous checkpoint {previous[-1]} is intact: free some space, then run the same train command "
+            "again to resume from it") if previous else "free some space and run the same command again"
+
+
+def _commit(tmp: Path, final: Path, root: Path, keep: int) -> None:
+    """Rename the written folder into place (the commit) and drop all but the newest `keep` checkpoints."""
+    if final.exists():  # a stale one from a run that was killed after this step; ours is newer
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in checkpoint_dirs(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(
     root: Path,
     model: torch.nn.Module,
@@ -211,12 +238,7 @@ def save_checkpoint(
         return _save_sharded(root, model, optimizer, scheduler, state, info, keep)
     final = root / f"{PREFIX}{state.step:07d}"
     tmp = root / f".tmp-{PREFIX}{state.step:07d}"
-    if info.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    barrier(info)
+    _fresh_folder(root, tmp, info)
     with open(tmp / f"rng-rank{info.rank}.pt", "wb") as fh:  # each rank draws its own dropout masks
         torch.save(rng_state(), fh)
     barrier(info)
@@ -231,19 +253,11 @@ def save_checkpoint(
             _write_files(tmp, weights, optimizer, scheduler, state, info)
         except Exception as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            previous = [d for d in checkpoint_dirs(root) if d != final]
-            advice = (f"the previous checkpoint {previous[-1]} is intact: free some space, then run the same train "
-                      "command again to resume from it") if previous else "free some space and run the same command again"
-            full = disk_full_error(exc, final, "checkpoint", advice)
+            full = disk_full_error(exc, final, "checkpoint", _full_disk_advice(root, final))
             if full is not None:
                 raise full from None
             raise
-        if final.exists():  # a stale one from a run that was killed after this step; ours is newer
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        for old in checkpoint_dirs(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        _commit(tmp, final, root, keep)
     barrier(info)
     return final
 
@@ -303,15 +317,8 @@ def _save_sharded(root: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
     if bad:
         raise TunesmithError(f"step {state.step}: weights {', '.join(bad[:3])} hold NaN or infinite values; no "
                              "checkpoint is written, and the previous one stays as it was")
-    if info.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    barrier(info)
-    previous = [d for d in checkpoint_dirs(root) if d != final]
-    advice = (f"the previous checkpoint {previous[-1]} is intact: free some space, then run the same train "
-              "command again to resume from it") if previous else "free some space and run the same command again"
+    _fresh_folder(root, tmp, info)
+    advice = _full_disk_advice(root, final)
     try:
         with open(tmp / f"rng-rank{info.rank}.pt", "wb") as fh:  # each rank draws its own dropout masks
             torch.save(rng_state(), fh)
@@ -329,12 +336,7 @@ def _save_sharded(root: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
             raise full from None
         raise
     if info.is_main:
-        if final.exists():  # a stale one from a run that was killed after this step; ours is newer
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        for old in checkpoint_dirs(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        _commit(tmp, final, root, keep)
     barrier(info)
     return final
 
