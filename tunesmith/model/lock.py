@@ -36,7 +36,8 @@ def _recorded(path: Path) -> tuple[int | None, str]:
         return None, ""
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this machine (one of another user counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -55,7 +56,7 @@ def holder(run_dir: str | Path) -> int | None:
     if pid == os.getpid():
         return None
     if fcntl is None:
-        return pid if pid is not None and host == socket.gethostname() and _alive(pid) else None
+        return pid if pid is not None and host == socket.gethostname() and pid_alive(pid) else None
     try:
         with open(path, encoding="utf-8") as fh:
             try:
@@ -112,7 +113,7 @@ class RunLock:
         fh.seek(0)
         previous, host = _recorded(self.path)
         if fcntl is None and previous is not None and previous != os.getpid() and host == socket.gethostname() \
-                and _alive(previous):
+                and pid_alive(previous):
             fh.close()
             raise in_use(self.path.parent, previous)
         if previous is not None and previous != os.getpid():

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunesmith.model.lock import pid_alive
+
 STATE_DIR = ".tunesmith-ui"  # inside --runs: job records and logs (a dot folder: never listed as a run)
 
 
@@ -73,12 +75,8 @@ class Job:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True
     try:  # a child of this process that ended and was not reaped yet is not alive
         done, _ = os.waitpid(pid, os.WNOHANG)
         return done == 0
