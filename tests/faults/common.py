@@ -13,6 +13,8 @@ import yaml
 from tests.helpers import run_config
 
 REPO = Path(__file__).resolve().parents[2]
+# `python KILLED_AT_STEP CONFIG STEP`: a run that SIGKILLs itself at the end of step STEP (after its checkpoint)
+KILLED_AT_STEP = REPO / "tests/invariants/killed_at_step.py"
 
 
 def child_env() -> dict[str, str]:

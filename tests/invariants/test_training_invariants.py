@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,21 +13,14 @@ import torch
 import yaml
 
 import tunesmith
+from tests.faults.common import KILLED_AT_STEP, child_env
 from tests.helpers import final_weights, run_config, write_chat
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _assert_close(a: dict, b: dict, atol: float) -> None:
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"})
-    return env
 
 
 def test_accumulation_and_split_passes_equal_larger_batch(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -57,29 +49,13 @@ def test_two_ranks_equal_one_rank(tmp_path: Path, tiny_model_dir: Path) -> None:
     tunesmith.train(one)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "tunesmith.cli", "train", str(tmp_path / "two.yaml")]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_close(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), atol=1e-5)
 
 
 def _train_cmd(cfg_path: Path) -> list[str]:
     return [sys.executable, "-m", "tunesmith.cli", "train", str(cfg_path)]
-
-
-# A run that kills its own process with SIGKILL at the end of a chosen step (after that step's checkpoint is
-# written), through the loop's callback hook: the kill lands at the same point on every machine, however fast.
-KILLED_AT_STEP = """
-import os, signal, sys
-import tunesmith
-from tunesmith.core.loop import LoopCallback
-
-class KillAt(LoopCallback):
-    def on_step_end(self, step, outcome):
-        if step == int(sys.argv[2]):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-tunesmith.train(sys.argv[1], callbacks=[KillAt()])
-"""
 
 
 def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -95,12 +71,12 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, tiny_model_dir: Path)
         configs[name] = tmp_path / f"{name}.yaml"
         configs[name].write_text(yaml.safe_dump(cfg))
 
-    straight = subprocess.run(_train_cmd(configs["straight"]), env=_env(), capture_output=True, text=True, timeout=600)
+    straight = subprocess.run(_train_cmd(configs["straight"]), env=child_env(), capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
     a = final_weights(tmp_path / "straight")
 
     for name, step in kill_at.items():
-        killed = subprocess.run([sys.executable, "-c", KILLED_AT_STEP, str(configs[name]), str(step)], env=_env(),
+        killed = subprocess.run([sys.executable, str(KILLED_AT_STEP), str(configs[name]), str(step)], env=child_env(),
                                 capture_output=True, text=True, timeout=600)
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
         assert not (tmp_path / name / "summary.json").exists(), "the run finished before it could be killed"
@@ -108,7 +84,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, tiny_model_dir: Path)
         assert steps == list(range(1, step + 1))
         assert (tmp_path / name / "checkpoints/step-0000006/checkpoint.json").is_file()
 
-        resumed = subprocess.run(_train_cmd(configs[name]), env=_env(), capture_output=True, text=True, timeout=600)
+        resumed = subprocess.run(_train_cmd(configs[name]), env=child_env(), capture_output=True, text=True, timeout=600)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert summary["resumed_from"] == 6 and summary["steps"] == 40

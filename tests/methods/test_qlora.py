@@ -4,7 +4,6 @@ outputs are plain models that compute what the adapter did."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,12 +14,12 @@ import torch
 import yaml
 
 import tunesmith
+from tests.faults.common import KILLED_AT_STEP, child_env
 from tests.helpers import final_weights, run_config, write_chat
 from tunesmith.config import LoadConfig, LoraConfig, load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.model import apply_lora, load_model, load_tokenizer, resolve_model, save_merged
 
-REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 IDS = torch.tensor([[1, 5, 9, 40, 77, 120, 3, 200], [1, 300, 17, 2, 88, 41, 60, 7]])
 # merged/ is W_dequantized + B·A in float32, the quantized layer computes x·W_dequantized^T + x·A^T·B^T:
@@ -39,12 +38,6 @@ def _plain(folder: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"})
-    return env
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
@@ -82,21 +75,6 @@ def test_qlora_learns_and_merged_output_is_a_plain_model(tmp_path: Path, tiny_mo
     assert result.outputs["merged"] == str(merged_dir)
 
 
-# A run that kills its own process with SIGKILL right after a chosen step (its checkpoint written).
-KILLED_AT_STEP = """
-import os, signal, sys
-import tunesmith
-from tunesmith.core.loop import LoopCallback
-
-class KillAt(LoopCallback):
-    def on_step_end(self, step, outcome):
-        if step == int(sys.argv[2]):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-tunesmith.train(sys.argv[1], callbacks=[KillAt()])
-"""
-
-
 def test_qlora_resume_after_sigkill_is_bit_exact(tmp_path: Path, tiny_model_dir: Path) -> None:
     data = write_chat(tmp_path, 24)
     configs = {}
@@ -110,11 +88,11 @@ def test_qlora_resume_after_sigkill_is_bit_exact(tmp_path: Path, tiny_model_dir:
     train = [sys.executable, "-m", "tunesmith.cli", "train"]
 
     tunesmith.train(configs["straight"])  # here, on one thread as the children below (one_thread)
-    killed = subprocess.run([sys.executable, "-c", KILLED_AT_STEP, str(configs["killed"]), "5"], env=_env(),
+    killed = subprocess.run([sys.executable, str(KILLED_AT_STEP), str(configs["killed"]), "5"], env=child_env(),
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert (tmp_path / "killed/checkpoints/step-0000004/checkpoint.json").is_file()
-    resumed = subprocess.run([*train, str(configs["killed"])], env=_env(), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run([*train, str(configs["killed"])], env=child_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((tmp_path / "killed/summary.json").read_text())["resumed_from"] == 4
 
