@@ -106,10 +106,11 @@ def fsync_tree(root: Path) -> None:
         for name in filenames:
             with open(os.path.join(dirpath, name), "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a rename into it) durable; a no-op where folders cannot be opened."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # folders cannot be opened on some platforms (Windows)
@@ -132,7 +133,7 @@ def replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
 
 
 def make_temp_dir(parent: Path, prefix: str) -> Path:
@@ -195,7 +196,7 @@ def atomic_files(out_dir: str | Path, what: str, advice: str = "free some space 
         fsync_tree(tmp)
         for f in sorted(tmp.iterdir()):
             os.replace(f, out / f.name)  # a rename needs no new space
-        _fsync_dir(out)
+        fsync_dir(out)
     except BaseException as exc:
         full = disk_full_error(exc, out, what, advice)
         if full is not None:

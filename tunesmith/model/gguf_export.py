@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from tunesmith.config import LoadConfig
 from tunesmith.errors import TunesmithError
+from tunesmith.model.export import fsync_dir
 from tunesmith.model.generate import GenerationSettings, generate, stop_token_ids
 from tunesmith.model.loading import load_model, load_tokenizer, resolve_model
 from tunesmith.model.runs import is_run_dir, load_run, run_base_spec, run_config
@@ -518,16 +519,7 @@ def _publish(tmp: Path, out: Path) -> None:
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, out)
-    try:
-        fd = os.open(out.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(out.parent)
 
 
 def _write(writer, path: Path, tensors: list[PlannedTensor], desc: str) -> None:
