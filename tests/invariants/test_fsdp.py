@@ -4,7 +4,6 @@ and two "nodes" of one rank each = one node of two ranks."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -18,17 +17,12 @@ from safetensors.torch import load_file
 
 import tunesmith
 from tests.conftest import write_jsonl
+from tests.faults.common import KILLED_AT_STEP, child_env
 from tests.helpers import run_config, write_chat
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS, KILL_AT = 6, 3  # checkpoints at steps 2 and 4; a kill after step 3 resumes from step 2
 
-KILLED_AT_STEP = str(REPO / "tests/invariants/killed_at_step.py")  # a run that SIGKILLs itself after a step
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"})
-    return env
 
 
 def _torchrun(*args: str, nproc: int = 2) -> list[str]:
@@ -36,7 +30,7 @@ def _torchrun(*args: str, nproc: int = 2) -> list[str]:
 
 
 def _train(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -137,7 +131,7 @@ def _assert_resumed(run_dir: Path) -> None:
 
 
 def _killed(cmd: list[str], run_dir: Path) -> None:
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0, "the run finished before it could be killed"
     assert not (run_dir / "summary.json").exists()
     assert (run_dir / "checkpoints/step-0000002/checkpoint.json").is_file()
@@ -176,7 +170,7 @@ def test_two_nodes_equal_one_node(baseline: dict[str, Path], tiny_model_dir: Pat
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}",
                                "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
                                "-m", "tunesmith.cli", "train", str(cfg)],
-                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in (0, 1)]
     for node in nodes:
         _, err = node.communicate(timeout=600)

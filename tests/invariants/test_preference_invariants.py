@@ -89,8 +89,8 @@ def test_dpo_two_ranks_equal_one_rank_with_an_eval_shard_left_empty(tmp_path: Pa
     import yaml
 
     import tunesmith
+    from tests.faults.common import child_env
     from tests.helpers import WORDS, final_weights, run_config
-    from tests.invariants.test_training_invariants import _env
 
     rows = [{"prompt": f"Tell me about {w}", "chosen": f"{w} is good", "rejected": f"{w} is bad"} for w in WORDS[:16]]
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
@@ -107,7 +107,7 @@ def test_dpo_two_ranks_equal_one_rank_with_an_eval_shard_left_empty(tmp_path: Pa
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(configs["two"]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "tunesmith.cli", "train", str(tmp_path / "two.yaml")]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -15,6 +15,7 @@ import yaml
 
 import tunesmith
 from tests.conftest import write_jsonl
+from tests.faults.common import child_env
 from tests.helpers import WORDS, final_weights
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,14 +56,11 @@ def _config(model_dir: Path, tmp: Path, method: str, out: str, batch_size: int) 
     return cfg
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-
 
 def _torchrun(cfg_path: Path, calls: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "tunesmith.cli", "train", str(cfg_path)]
-    proc = subprocess.run(cmd, env={**_env(), CALL_LOG: str(calls)}, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env={**child_env(), CALL_LOG: str(calls)}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

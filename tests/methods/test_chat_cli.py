@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -14,18 +13,16 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.faults.common import child_env
 from tests.methods.test_serve import make_lora_run, prompts, reference_answers
 from tunesmith.serve import find_free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
 
 def _chat(args: list[str], script: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tunesmith.cli", "chat", *args], input=script, env=_env(),
+    return subprocess.run([sys.executable, "-m", "tunesmith.cli", "chat", *args], input=script, env=child_env(),
                           capture_output=True, text=True, timeout=300)
 
 
@@ -76,7 +73,7 @@ def test_serve_command_prints_where_and_answers_until_stopped(run: Path) -> None
     port = find_free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", f"mine={run}", "--port", str(port),
                              "--threads", "1"],
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
