@@ -6,6 +6,10 @@ first model import, as `make demo` does; the whole run's wall and CPU time and t
 
     python bench/demo.py --seeds 0 1 2 --workdir /tmp/bench-demo > lines.jsonl
     python bench/demo.py --markdown lines.jsonl      # the per-stage table of bench/RESULTS.md
+
+With --ablate-pretrain, each seed also runs SFT alone on the base (`--pretrain-steps 0 --grpo-steps 0`, the same
+data) and prints whether pretraining helped SFT: the paired change in SFT's exact match on the same held-out rows,
+with and without the self-supervised stage before it.
 """
 
 from __future__ import annotations
@@ -29,25 +33,47 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_seed(seed: int, workdir: Path, extra: list[str]) -> list[dict]:
+def run_seed(seed: int, workdir: Path, extra: list[str], name: str | None = None) -> list[dict]:
     """One demo run; its stages.json rows, each with the seed, plus one row for the whole run."""
-    out = workdir / f"seed{seed}"
+    name = name or f"seed{seed}"
+    out = workdir / name
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     load_before = [round(x, 2) for x in os.getloadavg()]
     wall, cpu = time.perf_counter(), children_cpu_s()
-    log = workdir / f"seed{seed}.log"
+    log = workdir / f"{name}.log"
     with open(log, "w", encoding="utf-8") as f:
         code = subprocess.run([sys.executable, "-m", "tunesmith.demo", "--seed", str(seed), "--out", str(out), *extra],
                               stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
-    total = {"bench": "demo", "seed": seed, "stage": "whole demo", "exit_code": code,
+    total = {"bench": "demo", "seed": seed, "run": name, "stage": "whole demo", "exit_code": code,
              "wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(children_cpu_s() - cpu, 1),
              "loadavg_before": load_before, "loadavg_after": [round(x, 2) for x in os.getloadavg()],
              "cpus": os.cpu_count(), "log": str(log)}
     table = out / "stages.json"
     if not table.exists():
         return [{**total, "error": f"no {table}: see {log}"}]
-    rows = [{"bench": "demo", "seed": seed, **row} for row in json.loads(table.read_text(encoding="utf-8"))["stages"]]
+    rows = [{"bench": "demo", "seed": seed, "run": name, **row} for row in json.loads(table.read_text(encoding="utf-8"))["stages"]]
     return [*rows, total]
+
+
+def pretrain_effect(seed: int, workdir: Path, extra: list[str]) -> dict:
+    """SFT's exact match after pretraining (the full demo of this seed, already run) against SFT on the base alone,
+    paired by held-out row."""
+    from tunesmith.eval.report import CONFIDENCE, NUM_BOOTSTRAP, SEED
+    from tunesmith.eval.stats import paired_delta_ci
+
+    without = run_seed(seed, workdir, [*extra, "--pretrain-steps", "0", "--grpo-steps", "0"], name=f"seed{seed}-sft-only")
+    scores = {}
+    for name in (f"seed{seed}", f"seed{seed}-sft-only"):
+        results = json.loads((workdir / name / "report/results.json").read_text(encoding="utf-8"))["results"]
+        sft = next(r for r in results if r["label"] == "sft")
+        scores[name] = [row["scores"]["exact_match"] for row in sorted(sft["rows"], key=lambda r: r["index"])]
+    with_pt, alone = scores[f"seed{seed}"], scores[f"seed{seed}-sft-only"]
+    delta, lo, hi = paired_delta_ci(with_pt, alone, num_samples=NUM_BOOTSTRAP, confidence=CONFIDENCE, seed=SEED)
+    sft_alone = next(r for r in without if r["stage"] == "sft")
+    return {"bench": "demo", "seed": seed, "stage": "pretrain -> sft (ablation)",
+            "sft_exact_match_after_pretrain": sum(with_pt) / len(with_pt),
+            "sft_exact_match_on_base": sum(alone) / len(alone), "delta": delta, "ci": [lo, hi],
+            "sft_alone_train_wall_s": sft_alone["train_wall_s"], "rows": len(alone)}
 
 
 def _change(entry: dict | None, scale: float, unit: str, digits: int = 1) -> str:
@@ -60,7 +86,9 @@ def _change(entry: dict | None, scale: float, unit: str, digits: int = 1) -> str
 
 def markdown(paths: list[Path]) -> str:
     """The per-stage table (one row per seed and stage) from the JSON lines this script printed."""
-    rows = [json.loads(line) for p in paths for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines_in = [json.loads(line) for p in paths for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    ablation = [r for r in lines_in if r["stage"] == "pretrain -> sft (ablation)"]
+    rows = [r for r in lines_in if r not in ablation and r.get("run", f"seed{r['seed']}") == f"seed{r['seed']}"]
     lines = ["| seed | stage | exact match | change vs previous stage (95% CI) | domain ppl | change vs previous "
              "(95% CI) | train wall s | train CPU s | eval wall s | eval CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["seed"], r["stage"] == "whole demo")):
@@ -73,6 +101,14 @@ def markdown(paths: list[Path]) -> str:
             f"{_change(r.get('exact_match_delta'), 100, ' pt')} | {r['domain text perplexity']:.2f} | "
             f"{_change(r.get('domain text perplexity_delta'), 1, '', 2)} | {r['train_wall_s']:.0f} | "
             f"{r['train_cpu_s']:.0f} | {r.get('eval_wall_s', 0):.0f} | {r.get('eval_cpu_s', 0):.0f} |")
+    if ablation:
+        lines += ["", "| seed | SFT exact match after pretrain | SFT exact match on the base | change (95% CI) |",
+                  "|---|---|---|---|"]
+        for r in sorted(ablation, key=lambda r: r["seed"]):
+            lo, hi = r["ci"]
+            lines.append(f"| {r['seed']} | {100 * r['sft_exact_match_after_pretrain']:.1f}% | "
+                         f"{100 * r['sft_exact_match_on_base']:.1f}% | {100 * r['delta']:+.1f} pt ({100 * lo:+.1f} "
+                         f"to {100 * hi:+.1f}) |")
     return "\n".join(lines)
 
 
@@ -83,6 +119,8 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-demo"))
     parser.add_argument("--markdown", type=Path, nargs="+", metavar="LINES",
                         help="print the per-stage table from earlier output of this script, and run nothing")
+    parser.add_argument("--ablate-pretrain", action="store_true",
+                        help="also run SFT on the base alone per seed: did pretraining help SFT?")
     parser.add_argument("demo_args", nargs="*", help="further options for tunesmith.demo (after --)")
     args = parser.parse_args()
     if args.markdown:
@@ -94,6 +132,8 @@ def main() -> int:
         for row in run_seed(seed, args.workdir, args.demo_args):
             print_line(row)
             failed += bool(row.get("exit_code"))
+        if args.ablate_pretrain:
+            print_line(pretrain_effect(seed, args.workdir, args.demo_args))
     print(f"wrote: {', '.join(str(args.workdir / f'seed{s}') for s in args.seeds)} (runs, stages.json, logs)",
           file=sys.stderr)
     return 1 if failed else 0

@@ -303,14 +303,14 @@ def main(argv: list[str] | None = None) -> int:
                       "warmup_ratio": 0.0, "save_every": 0, "eval_every": 0, "seed": args.seed},
         }),
     ]
-    evaluate_stage(out, stages[0], data["heldout_docs"])
+    evaluate_stage(out, stages[0])
     for method, steps, settings in plan:
         if steps == 0:
             print(f"\n{method}: skipped (0 steps)", flush=True)
             continue
         print(f"\n{method} stage: {STAGE_JOBS[method]}", flush=True)
         stage = train_stage(out, method, stages[-1], settings)
-        evaluate_stage(out, stage, data["heldout_docs"])
+        evaluate_stage(out, stage)
         stages.append(stage)
 
     report_path = write_chain_report(out, stages)
@@ -335,7 +335,6 @@ class Stage:
     def __init__(self, label: str, spec: str, run_dir: Path | None) -> None:
         self.label, self.spec, self.run_dir = label, spec, run_dir
         self.result: dict = {}
-        self.doc_losses: list[tuple[float, float]] = []
         self.wall_s = self.cpu_s = 0.0  # training, from loading the previous model to writing merged/
         self.eval_wall_s = self.eval_cpu_s = 0.0  # answering the test rows and scoring the held-out documents
 
@@ -353,11 +352,11 @@ def train_stage(out: Path, method: str, previous: Stage, settings: dict) -> Stag
     return stage
 
 
-def evaluate_stage(out: Path, stage: Stage, heldout_docs: list[dict]) -> None:
+def evaluate_stage(out: Path, stage: Stage) -> None:
     """The stage's model on the held-out test rows (answers and their perplexity) and on the held-out documents."""
     from tunesmith.config import LoadConfig
     from tunesmith.data.examples import load_eval_examples
-    from tunesmith.eval.evaluate import evaluate, load_for_eval
+    from tunesmith.eval.evaluate import add_text_perplexity, evaluate, load_for_eval
     from tunesmith.model.generate import GenerationSettings
 
     wall, cpu = time.perf_counter(), time.process_time()
@@ -366,73 +365,47 @@ def evaluate_stage(out: Path, stage: Stage, heldout_docs: list[dict]) -> None:
     result = evaluate(model, tokenizer, load_eval_examples(test), metrics=list(METRICS), perplexity=True,
                       label=stage.label, settings=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS, batch_size=EVAL_BATCH),
                       spec=stage.spec, data=test, run_dir=run_dir)
+    add_text_perplexity(result, model, tokenizer, str(out / "data/heldout_docs.jsonl"), batch_size=EVAL_BATCH)
     stage.result = result.to_dict()
-    stage.doc_losses = document_losses(model, tokenizer, [d["text"] for d in heldout_docs])
     stage.eval_wall_s, stage.eval_cpu_s = time.perf_counter() - wall, time.process_time() - cpu
     print(f"{stage.label}: exact match {stage.result['metrics']['exact_match']:.1%} on {len(result.rows)} held-out "
-          f"rows, {DOMAIN_PPL} {_perplexity(stage.doc_losses):.2f}", flush=True)
+          f"rows, {DOMAIN_PPL} {result.text_perplexity:.2f}", flush=True)
 
 
-def document_losses(model, tokenizer, texts: list[str]) -> list[tuple[float, float]]:
-    """(mean next-token loss, number of predicted tokens) of each text, encoded by the tokenizer on its own (the
-    same for every stage, so the stages compare like for like)."""
-    import torch
-    import torch.nn.functional as F
+def _results(stages: list[Stage]) -> list:
+    from tunesmith.eval.results import EvalResult
 
-    out = []
-    with torch.inference_mode():
-        for text in texts:
-            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-            input_ids = torch.tensor([ids])
-            logits = model(input_ids=input_ids).logits[0, :-1].float()  # (tokens - 1, vocab)
-            loss = F.cross_entropy(logits, input_ids[0, 1:], reduction="mean")
-            out.append((float(loss), float(len(ids) - 1)))
-    return out
-
-
-def _perplexity(losses: list[tuple[float, float]]) -> float:
-    from tunesmith.eval.stats import perplexity_of
-
-    return perplexity_of([x for x, _ in losses], [n for _, n in losses])
+    return [EvalResult.from_dict({**s.result, "label": s.label}) for s in stages]
 
 
 def write_chain_report(out: Path, stages: list[Stage]) -> Path:
     """One report with every stage on the same test rows, each compared with the stage before it and the base."""
     from tunesmith.data.examples import load_eval_examples
     from tunesmith.eval.report import write_report
-    from tunesmith.eval.results import EvalResult
 
-    results = [EvalResult.from_dict({**s.result, "label": s.label}) for s in stages]
     examples = load_eval_examples(str(out / "data/test.jsonl"))
     title = " -> ".join(s.label for s in stages) + " on the held-out demo rows"
-    return write_report(results, examples, out / "report", base_label=stages[0].label, title=title, chain=True)
+    return write_report(_results(stages), examples, out / "report", base_label=stages[0].label, title=title, chain=True)
 
 
 def stage_table(stages: list[Stage]) -> list[dict]:
-    """Per stage: exact match and domain perplexity, each with its paired change from the previous stage, the
-    verdict on the stage's own measure, and the wall and CPU seconds of its training."""
-    from tunesmith.eval.report import CONFIDENCE, NUM_BOOTSTRAP, SEED, verdict
-    from tunesmith.eval.stats import paired_delta_ci, paired_perplexity_delta_ci
+    """Per stage: exact match and domain perplexity, each with its paired change from the previous stage (as the
+    chain report computes them), the verdict on the stage's own measure, and the wall and CPU seconds of its
+    training."""
+    from tunesmith.eval.report import TEXT_PERPLEXITY, compare_results
 
+    measures = {m.name: m for m in compare_results(_results(stages), stages[0].label, chain=True).measures}
+    em, ppl = measures["exact_match"], measures[TEXT_PERPLEXITY]
     table = []
-    for prev, stage in zip([None, *stages], stages):
-        em = [row["scores"].get("exact_match") for row in stage.result["rows"]]
-        entry = {"stage": stage.label, "exact_match": stage.result["metrics"]["exact_match"],
-                 "answer_perplexity": stage.result.get("perplexity"),
-                 DOMAIN_PPL: _perplexity(stage.doc_losses), "train_wall_s": round(stage.wall_s, 1),
-                 "train_cpu_s": round(stage.cpu_s, 1), "eval_wall_s": round(stage.eval_wall_s, 1),
-                 "eval_cpu_s": round(stage.eval_cpu_s, 1)}
-        if prev is not None:
-            prev_em = [row["scores"].get("exact_match") for row in prev.result["rows"]]
-            delta, lo, hi = paired_delta_ci(em, prev_em, num_samples=NUM_BOOTSTRAP, confidence=CONFIDENCE, seed=SEED)
-            entry["exact_match_delta"] = {"delta": delta, "ci": [lo, hi],
-                                          "verdict": verdict(lo, hi, higher_is_better=True)}
-            delta, lo, hi = paired_perplexity_delta_ci(
-                [x for x, _ in stage.doc_losses], [x for x, _ in prev.doc_losses],
-                [n for _, n in stage.doc_losses], [n for _, n in prev.doc_losses],
-                num_samples=NUM_BOOTSTRAP, confidence=CONFIDENCE, seed=SEED)
-            entry[DOMAIN_PPL + "_delta"] = {"delta": delta, "ci": [lo, hi],
-                                            "verdict": verdict(lo, hi, higher_is_better=False)}
+    for stage in stages:
+        entry = {"stage": stage.label, "exact_match": em.scores[stage.label].value,
+                 "answer_perplexity": stage.result.get("perplexity"), DOMAIN_PPL: ppl.scores[stage.label].value,
+                 "train_wall_s": round(stage.wall_s, 1), "train_cpu_s": round(stage.cpu_s, 1),
+                 "eval_wall_s": round(stage.eval_wall_s, 1), "eval_cpu_s": round(stage.eval_cpu_s, 1)}
+        if stage is not stages[0]:
+            for key, measure in (("exact_match_delta", em), (DOMAIN_PPL + "_delta", ppl)):
+                s = measure.scores[stage.label]
+                entry[key] = {"delta": s.step_delta, "ci": [s.step_lo, s.step_hi], "verdict": s.step_verdict}
             measure = STAGE_MEASURES.get(stage.label)
             if measure is not None:
                 key = "exact_match_delta" if measure == "exact_match" else DOMAIN_PPL + "_delta"

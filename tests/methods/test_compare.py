@@ -91,3 +91,38 @@ def test_compare_options_are_read_without_torch() -> None:
     """`tunesmith compare --help` builds its options from eval/results.py's names without loading torch."""
     code = "import sys, tunesmith.eval.compare; assert 'torch' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_held_out_text_perplexity_is_what_pretraining_logs_as_eval_loss(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """compare --text scores plain text as a pretrain run's eval does: one BOS and EOS per text, long texts in
+    max_length blocks, every token but the first predicted once; so both give the same mean loss."""
+    from tunesmith.config import LoadConfig
+    from tunesmith.eval.evaluate import load_for_eval, text_losses
+
+    texts = [{"text": " ".join(WORDS[k : k + 6])} for k in range(0, 30, 3)]
+    texts.append({"text": " ".join(WORDS * 3)})  # longer than max_length: scored in blocks
+    data = write_jsonl(tmp_path / "docs.jsonl", texts)
+    cfg = run_config(tiny_model_dir, data, tmp_path / "run", max_steps=2, eval_every=2, max_length=48)
+    cfg.update(method="pretrain", eval={"before": False})
+    cfg["data"]["eval"] = str(data)
+    tunesmith.train(cfg)
+    logged = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    eval_loss = [x["eval_loss"] for x in logged if "eval_loss" in x][-1]
+
+    model, tokenizer, _ = load_for_eval(str(tmp_path / "run"), LoadConfig())
+    losses = text_losses(model, tokenizer, str(data), max_length=48, batch_size=4)
+    assert len(losses) == len(texts)
+    lengths = [len(tokenizer(t["text"], add_special_tokens=False)["input_ids"]) + 1 for t in texts]  # + BOS/EOS - 1
+    assert [n for _, n in losses] == lengths[:-1] + [lengths[-1]] and lengths[-1] > 48
+    mean = sum(x * n for x, n in losses) / sum(n for _, n in losses)
+    assert mean == pytest.approx(eval_loss, rel=1e-4)
+
+
+def test_text_that_is_not_plain_text_fails_before_any_model_loads(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "Say a", "completion": "a"}])
+    code = main(["compare", "--base", "no/such-model", "--tuned", "no/other", "--data", str(rows), "--text", str(rows),
+                 "--out", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{rows}: held-out text must be plain text records (field 'text'" in err and "Traceback" not in err

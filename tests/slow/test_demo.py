@@ -37,6 +37,9 @@ def check_demo(out: Path, code: int) -> None:
     assert comparison["chain"] is True
     grpo = comparison["measures"]["exact_match"]["models"]["grpo"]
     assert grpo["previous"] == "sft" and grpo["step_delta"] == pytest.approx(table["grpo"]["exact_match_delta"]["delta"])
+    text = comparison["measures"]["text_perplexity"]["models"]["pretrain"]  # the held-out documents, in the report
+    assert text["step_verdict"] == "better" and text["value"] == pytest.approx(table["pretrain"][demo.DOMAIN_PPL])
+    assert "heldout_docs.jsonl</code>" in (out / "report/report.html").read_text()
 
     # the GRPO run logged its rollouts, rewarded by the demo's module:function verifier
     steps = [json.loads(x) for x in (out / "grpo/metrics.jsonl").read_text().splitlines()]

@@ -152,3 +152,22 @@ def test_compare_launches_the_command_with_the_base_first(runs: Path, monkeypatc
     assert args[args.index("--model") + 1] == f"done={runs.resolve() / 'done'}" and "other-model=other/model" in args
     assert Path(out).parent == runs.resolve() / ".tunesmith-ui" / "compare" and args[-2:] == ["--limit", "4"]
     assert client.post("/api/compare", json={"models": ["run:..", "default"], "data": "d"}).status_code == 403
+
+
+def test_compare_passes_held_out_text_and_the_chain_order(runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastapi.testclient import TestClient
+
+    from tunesmith.ui import jobs
+
+    _run(runs, "done", 3, finished=True)
+    launched = []
+    monkeypatch.setattr(jobs, "launch", lambda root, kind, name, args, **kw: launched.append(args) or
+                        Job(id="c", kind=kind, name=name, argv=args, log=root / "c.log", record=root / "c.json",
+                            started=time.time()))
+    client = TestClient(create_ui_app(runs))
+    for body in ({"text": "docs.jsonl", "chain": True}, {"text": " ", "chain": False}):
+        assert client.post("/api/compare", json={"models": ["base:done", "run:done"], "data": "d.jsonl", **body}
+                           ).status_code == 200
+    with_text, without = launched
+    assert with_text[with_text.index("--text") + 1] == "docs.jsonl" and with_text[-1] == "--chain"
+    assert "--text" not in without and "--chain" not in without

@@ -111,3 +111,46 @@ def test_compare_chain_refuses_a_base_that_is_not_first(tmp_path: Path) -> None:
     with pytest.raises(TunesmithError, match="--chain: the stages start at the base 'base'"):
         compare({"sft": "runs/sft", "base": "default"}, "test.jsonl", tmp_path, metrics=["exact_match"],
                 settings=GenerationSettings(), load=LoadConfig(), chain=True)
+
+
+# Held-out text (compare --text): per document mean loss; pretraining lowers it, the later stages barely move it
+TEXT_LOSS = {"base": 3.2, "pretrain": 1.4, "sft": 1.45, "grpo": 1.45}
+NUM_DOCS = 12
+
+
+def _with_text(label: str) -> EvalResult:
+    result = _result(label)
+    result.text_data = "heldout_docs.jsonl"
+    result.text_losses = [[TEXT_LOSS[label] + 0.05 * (k % 3), 20.0 + k] for k in range(NUM_DOCS)]
+    tokens = sum(n for _, n in result.text_losses)
+    result.text_perplexity = math.exp(sum(x * n for x, n in result.text_losses) / tokens)
+    return result
+
+
+def test_held_out_text_perplexity_is_a_measure_of_the_chain(tmp_path: Path) -> None:
+    results = [_with_text(label) for label in ("base", "pretrain", "sft", "grpo")]
+    c = compare_results(results, chain=True)
+    text = next(m for m in c.measures if m.name == "text_perplexity")
+    assert not text.higher_is_better and c.measures[0].name == "exact_match"  # the primary metric stays first
+    s = text.scores["pretrain"]
+    assert s.value == pytest.approx(results[1].text_perplexity) and s.num_rows == NUM_DOCS
+    assert s.step_delta == pytest.approx(results[1].text_perplexity - results[0].text_perplexity)
+    assert s.step_verdict == "better" and s.step_hi < 0 and s.lo < s.value < s.hi
+    assert text.scores["sft"].step_verdict == "worse"  # every document's loss rose by 0.05: paired, that is not noise
+    assert text.scores["grpo"].step_delta == pytest.approx(0.0) and text.scores["grpo"].step_verdict == "level"
+    assert "Perplexity of the held-out text down: 25.8 -> 4.27 (lower is better, 95% CI of the change -" in c.headline[0]
+
+    page = write_report(results, [EvalExample(index=i, location=f"test.jsonl line {i + 1}", reference="{}", prompt="q",
+                                              messages=[{"role": "user", "content": "q"}]) for i in range(NUM_ROWS)],
+                        tmp_path, chain=True, title="chain").read_text()
+    assert "held-out text perplexity on 12 documents of <code>heldout_docs.jsonl</code>" in page
+    assert "<th scope=\"row\">held-out text perplexity" in page
+    assert (tmp_path / "text_perplexity.png").is_file()
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["comparison"]["measures"]["text_perplexity"]["models"]["pretrain"]["step_verdict"] == "better"
+    assert EvalResult.from_dict(saved["results"][1]).text_losses == results[1].text_losses
+
+
+def test_results_without_held_out_text_have_no_such_measure() -> None:
+    c = compare_results(_chain("base", "sft"), chain=True)
+    assert [m.name for m in c.measures] == ["exact_match", "perplexity"]

@@ -131,6 +131,27 @@ def build_dataset(
     return TokenizedData(rows=rows, stats=stats)
 
 
+def text_records(source: str, split: str = "train") -> list[tuple[dict, str]]:
+    """The (record, location) pairs of a plain-text source (field 'text'); any other format is refused."""
+    records = load_records(source, split)
+    fmt = choose_format(records, source, "auto", "all")
+    if fmt != "text":
+        raise TunesmithError(f"{source}: held-out text must be plain text records (field 'text', or a .txt file), but "
+                             f"this is {fmt} data; prompts with reference answers go to --data")
+    return normalise_records(records, fmt, source)
+
+
+def tokenize_text_file(source: str, tokenizer, split: str = "train") -> list[tuple[list[int], str]]:
+    """(token ids, location) of every record of a plain-text source, as pretraining tokenizes them: one BOS and one
+    EOS around each text; empty texts are left out."""
+    samples = _tokenize_texts(text_records(source, split), tokenizer)
+    kept = [(ids, where) for ids, _, where in samples if ids]
+    if not kept:
+        raise TunesmithError(f"{source}: every one of the {len(samples)} records has empty text; there is no text to "
+                             "measure")
+    return kept
+
+
 def choose_format(records: list, source: str, format: str, labels: Labels) -> str:
     """The format to read `records` as: the one given, or the detected one (text first when every token trains)."""
     if format != "auto":
@@ -218,6 +239,20 @@ def _tokenize_raw(normalised: list[tuple[dict, str]], tokenizer) -> list[tuple[l
 # ---------------------------------------------------------------- fitting max_length
 
 
+def text_blocks(ids: list[int], max_length: int) -> list[list[int]]:
+    """A tokenized text cut into blocks of at most max_length tokens that overlap by one token: each block's first
+    token (never predicted) is the previous block's last (predicted there), so every token but the text's first is
+    predicted exactly once."""
+    if len(ids) <= max_length:
+        return [ids]
+    blocks = []
+    for s in range(0, len(ids) - 1, max_length - 1):
+        blocks.append(ids[s : s + max_length])
+        if s + max_length >= len(ids):
+            break
+    return blocks
+
+
 def _pretrain_documents(
     samples: list[tuple[list[int], list[int], str]], source: str, max_length: int, overflow: str
 ) -> tuple[list[Row], dict[str, int]]:
@@ -233,14 +268,7 @@ def _pretrain_documents(
             documents.append(make_document(ids, labels))
             continue
         num_split += 1
-        # Chunks overlap by one token: each chunk's first token (never trained) is the previous
-        # chunk's last (trained there), so every token but the text's first is trained once.
-        step = max_length - 1
-        for s in range(0, len(ids) - 1, step):
-            chunk = ids[s : s + max_length]
-            documents.append(make_document(chunk, chunk))
-            if s + max_length >= len(ids):
-                break
+        documents.extend(make_document(chunk, chunk) for chunk in text_blocks(ids, max_length))
     if num_empty:
         log.warning("%s: skipped %d records with empty text", source, num_empty)
     if not documents:

@@ -33,14 +33,16 @@ def compare(
     device: str | None = None,
     reward_model: str | None = None,
     chain: bool = False,
+    text: str | None = None,
 ) -> Path:
     """Evaluate every model (label -> spec) on the same rows of `data` and write the report; returns report.html.
 
     With `chain`, the models are stages in the order given, the base first: the report also compares each
-    with the one before it.
+    with the one before it. With `text` (held-out plain text, e.g. the domain's documents), every model's
+    perplexity on it joins the report, paired by document.
     """
     from tunesmith.data.examples import load_eval_examples
-    from tunesmith.eval.evaluate import evaluate, load_for_eval
+    from tunesmith.eval.evaluate import add_text_perplexity, evaluate, load_for_eval
     from tunesmith.eval.report import write_report
     from tunesmith.model.lock import refuse_while_training
 
@@ -72,6 +74,10 @@ def compare(
         )
     if limit is not None:
         examples = examples[:limit]
+    if text is not None:
+        from tunesmith.data.dataset import text_records
+
+        text_records(text)  # a missing or non-text file fails before any model loads
     # The base goes first: its row of every table, and its failure (a typo in --base) comes before any waiting.
     order = [base_label] + [label for label in models if label != base_label]
     results = []
@@ -82,6 +88,8 @@ def compare(
         try:
             result = evaluate(model, tokenizer, examples, metrics=metrics, settings=settings, perplexity=True,
                               label=label, spec=spec, data=data, run_dir=run_dir)
+            if text is not None:
+                add_text_perplexity(result, model, tokenizer, text, batch_size=settings.batch_size)
         finally:
             del model, tokenizer
             _free_memory()
@@ -157,6 +165,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chain", action="store_true",
                         help="the models are stages in the order given (--base, --tuned, then each --model): each is "
                         "also compared with the one before it, and the headline says what each stage added")
+    parser.add_argument("--text", metavar="FILE", help="held-out plain text (field 'text', or .txt): adds each model's "
+                        "perplexity on it, paired by document, the measure of continued pretraining")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with a hub model")
     parser.set_defaults(func=main)
 
@@ -170,7 +180,7 @@ def main(args: argparse.Namespace) -> int:
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     load = LoadConfig(trust_remote_code=args.trust_remote_code)
     report = compare(models, args.data, args.out, metrics=args.metrics, settings=settings, load=load,
-                     limit=args.limit, reward_model=args.reward_model, chain=args.chain)
+                     limit=args.limit, reward_model=args.reward_model, chain=args.chain, text=args.text)
     # The headline was computed once for the report; reading it back keeps console and report identical.
     comparison = json.loads((report.parent / RESULTS_FILE).read_text(encoding="utf-8"))["comparison"]
     print("\n".join(comparison["headline"]))

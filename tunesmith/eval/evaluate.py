@@ -100,6 +100,54 @@ def answer_losses(
     return out
 
 
+@torch.no_grad()
+def text_losses(model, tokenizer, source: str, *, max_length: int = 1024, batch_size: int = 16
+                ) -> list[tuple[float, int]]:
+    """Per document of a plain-text source, (mean token loss, predicted tokens), tokenized as pretraining does;
+    a document longer than max_length is scored in max_length blocks, each token predicted once."""
+    from tunesmith.core.next_token import answer_logps
+    from tunesmith.data.dataset import text_blocks, tokenize_text_file
+    from tunesmith.model.parts import decoder_and_head
+
+    if max_length < 2:
+        raise TunesmithError(f"max_length: must be at least 2 tokens, got {max_length}")
+    blocks, owners = [], []
+    for k, (ids, _) in enumerate(tokenize_text_file(source, tokenizer)):
+        for block in text_blocks(ids, max_length):
+            blocks.append(make_document(block, block))
+            owners.append(k)
+    sums = [0.0] * (owners[-1] + 1)
+    counts = [0] * len(sums)
+    decoder, head = decoder_and_head(model)
+    device = next(model.parameters()).device
+    order = sorted(range(len(blocks)), key=lambda k: len(blocks[k].input_ids))  # similar lengths: little padding
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = collate([blocks[k] for k in chunk], tokenizer.pad_token_id or 0)
+            seq_index = torch.arange(len(chunk))[:, None].expand_as(batch["input_ids"])
+            logp_sums, num = answer_logps(decoder, head, **{k: v.to(device) for k, v in batch.items()},
+                                          seq_index=seq_index.to(device))
+            for k, logp_sum, n in zip(chunk, logp_sums.tolist(), num.tolist()):
+                sums[owners[k]] -= logp_sum
+                counts[owners[k]] += int(n)
+    finally:
+        model.train(was_training)
+    return [(s / n if n else math.nan, n) for s, n in zip(sums, counts)]
+
+
+def add_text_perplexity(result: EvalResult, model, tokenizer, source: str, *, batch_size: int = 16) -> None:
+    """Measure the perplexity of held-out plain text `source` and keep it, per document, in `result`."""
+    losses = text_losses(model, tokenizer, source, batch_size=batch_size)
+    counted = [(x, n) for x, n in losses if n > 0]
+    total = sum(n for _, n in counted)
+    result.text_data = source
+    result.text_losses = [[x, float(n)] for x, n in losses]
+    result.text_perplexity = perplexity_of(math.fsum(x * n for x, n in counted) / total) if total else None
+
+
 # ---------------------------------------------------------------- evaluation
 
 

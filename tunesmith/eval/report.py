@@ -30,6 +30,8 @@ NUM_BOOTSTRAP = 2000
 SEED = 0  # one seed for every model: the same row scores give the same interval in any column
 MAX_EXAMPLES = 200  # rows shown in report.html; results.json holds all of them
 PERPLEXITY = "perplexity"
+TEXT_PERPLEXITY = "text_perplexity"  # of held-out plain text (compare --text): what continued pretraining lowers
+PERPLEXITIES = (PERPLEXITY, TEXT_PERPLEXITY)
 WIN_RATE = "reward_win_rate"  # share of rows where the reward model prefers a model's answer to the base's
 
 
@@ -95,8 +97,9 @@ def compare_results(results: list[EvalResult], base_label: str = "base", *, chai
     by_label = {r.label: r for r in results}
     base = by_label[base_label]
     measures = [_metric_measure(name, results, base) for name in _metric_names(results)]
-    if any(r.perplexity is not None for r in results):
-        measures.append(_perplexity_measure(results, base))
+    for name in PERPLEXITIES:
+        if any(_perplexity_value(r, name) is not None for r in results):
+            measures.append(_perplexity_measure(results, base, name))
     if any(REWARD in row.scores for r in results for row in r.rows):
         measures.append(_win_rate_measure(results, base))
     comparison = Comparison(
@@ -198,11 +201,12 @@ def _add_steps(c: Comparison, results: list[EvalResult]) -> None:
             if s is None or m.name == WIN_RATE:
                 continue
             s.previous = prev.label
-            if m.name == PERPLEXITY:
+            if m.name in PERPLEXITIES:
                 before = m.scores.get(prev.label)
                 if before is None:
                     continue
-                paired = _paired_perplexity(_row_losses(r), _row_losses(prev))
+                losses_of = _LOSSES[m.name]
+                paired = _paired_perplexity(losses_of(r), losses_of(prev))
                 if paired is None:  # no per-row losses: the change, without an interval
                     s.step_delta = s.value - before.value
                     s.step_verdict = "better" if s.step_delta < 0 else "worse" if s.step_delta > 0 else "level"
@@ -238,22 +242,32 @@ def _win_rate_measure(results: list[EvalResult], base: EvalResult) -> Measure:
     return measure
 
 
-def _perplexity_measure(results: list[EvalResult], base: EvalResult) -> Measure:
-    """Perplexity of the reference answers; intervals come from per-row losses when the rows carry them."""
-    measure = Measure(name=PERPLEXITY, higher_is_better=False, percent=False)
-    base_losses = _row_losses(base)
+def _perplexity_value(result: EvalResult, name: str) -> float | None:
+    """The result's perplexity of the reference answers (PERPLEXITY) or of the held-out text (TEXT_PERPLEXITY)."""
+    value = result.perplexity if name == PERPLEXITY else result.text_perplexity
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _perplexity_measure(results: list[EvalResult], base: EvalResult, name: str = PERPLEXITY) -> Measure:
+    """Perplexity of the reference answers, or of the held-out text; intervals come from per-row (per-document)
+    losses when the results carry them, paired by row."""
+    measure = Measure(name=name, higher_is_better=False, percent=False)
+    losses_of = _LOSSES[name]
+    base_losses = losses_of(base)
+    base_value = _perplexity_value(base, name)
     for r in results:
-        if r.perplexity is None or not math.isfinite(r.perplexity):
+        value = _perplexity_value(r, name)
+        if value is None:
             continue
-        score = ModelScore(value=float(r.perplexity), num_rows=len(r.rows))
-        losses = _row_losses(r)
+        losses = losses_of(r)
+        score = ModelScore(value=value, num_rows=len(losses) or len(r.rows))
         if losses:
             score.lo, score.hi = perplexity_ci(
                 [v[0] for v in losses.values()], [v[1] for v in losses.values()],
                 num_samples=NUM_BOOTSTRAP, confidence=CONFIDENCE, seed=SEED,
             )
-        if r is not base and base.perplexity is not None and math.isfinite(base.perplexity):
-            score.delta = score.value - float(base.perplexity)
+        if r is not base and base_value is not None:
+            score.delta = score.value - base_value
             paired = _paired_perplexity(losses, base_losses)
             if paired is not None:
                 _, score.delta_lo, score.delta_hi, score.verdict = paired
@@ -277,6 +291,21 @@ def _row_losses(result: EvalResult) -> dict[int, tuple[float, float]]:
             return {}
         out[row.index] = (float(row.answer_loss), float(row.answer_tokens))
     return out
+
+
+def _text_losses(result: EvalResult) -> dict[int, tuple[float, float]]:
+    """Document index -> (mean token loss, token count) of the held-out text; empty when one is not finite."""
+    out = {}
+    for k, (loss, tokens) in enumerate(result.text_losses):
+        if not tokens:
+            continue
+        if not math.isfinite(loss):
+            return {}
+        out[k] = (float(loss), float(tokens))
+    return out
+
+
+_LOSSES = {PERPLEXITY: _row_losses, TEXT_PERPLEXITY: _text_losses}
 
 
 def verdict(lo: float, hi: float, *, higher_is_better: bool) -> str:
@@ -309,8 +338,11 @@ def _score_key(value: float | None) -> float | None:
 # ---------------------------------------------------------------- words and numbers
 
 
+_PERPLEXITY_OF = {PERPLEXITY: "Perplexity of the reference answers", TEXT_PERPLEXITY: "Perplexity of the held-out text"}
+
+
 def _pretty(name: str) -> str:
-    return name.replace("_", " ")
+    return "held-out text perplexity" if name == TEXT_PERPLEXITY else name.replace("_", " ")
 
 
 def _fmt_value(value: float, percent: bool) -> str:
@@ -340,8 +372,8 @@ def _fmt_interval(lo: float | None, hi: float | None, percent: bool, *, signed: 
 
 def _headline_lines(c: Comparison) -> list[str]:
     lines = []
-    primary = next((m for m in c.measures if m.name not in (PERPLEXITY, REWARD, WIN_RATE)), None)
-    ppl = next((m for m in c.measures if m.name == PERPLEXITY), None)
+    primary = next((m for m in c.measures if m.name not in (*PERPLEXITIES, REWARD, WIN_RATE)), None)
+    ppls = [m for m in c.measures if m.name in PERPLEXITIES]
     wins = next((m for m in c.measures if m.name == WIN_RATE), None)
     for label in c.labels:
         if label == c.base_label:
@@ -349,8 +381,9 @@ def _headline_lines(c: Comparison) -> list[str]:
         parts = []
         if primary is not None and label in primary.scores and c.base_label in primary.scores:
             parts.append(_metric_sentence(primary, label, c.base_label))
-        if ppl is not None and label in ppl.scores and c.base_label in ppl.scores:
-            parts.append(_perplexity_sentence(ppl, label, c.base_label, alone=not parts))
+        for ppl in ppls:
+            if label in ppl.scores and c.base_label in ppl.scores:
+                parts.append(_perplexity_sentence(ppl, label, c.base_label, alone=not parts))
         if wins is not None and label in wins.scores:
             w = wins.scores[label]
             parts.append(f"Judged by the reward model, {label}'s answer beats {c.base_label}'s on "
@@ -363,15 +396,16 @@ def _headline_lines(c: Comparison) -> list[str]:
 
 def _chain_headline_lines(c: Comparison) -> list[str]:
     """One line per stage: what it added to the stage before it; then the last stage against the base."""
-    primary = next((m for m in c.measures if m.name not in (PERPLEXITY, REWARD, WIN_RATE)), None)
-    ppl = next((m for m in c.measures if m.name == PERPLEXITY), None)
+    primary = next((m for m in c.measures if m.name not in (*PERPLEXITIES, REWARD, WIN_RATE)), None)
+    ppls = [m for m in c.measures if m.name in PERPLEXITIES]
     lines = []
     for label in c.labels[1:]:
         parts = []
         if primary is not None and label in primary.scores:
             parts.append(_step_sentence(primary, label))
-        if ppl is not None and label in ppl.scores and ppl.scores[label].previous in ppl.scores:
-            parts.append(_step_perplexity_sentence(ppl, label))
+        for ppl in ppls:
+            if label in ppl.scores and ppl.scores[label].previous in ppl.scores:
+                parts.append(_step_perplexity_sentence(ppl, label))
         if parts:
             lines.append(" ".join(p for p in parts if p))
     if len(c.labels) > 2:  # the whole chain at once; with one stage its line above says it already
@@ -408,7 +442,7 @@ def _step_perplexity_sentence(m: Measure, label: str) -> str:
     ci = _fmt_interval(s.step_lo, s.step_hi, False, signed=True)
     ci = f", 95% CI of the change {ci}" if ci else ""
     word = {"better": "down", "worse": "up"}.get(s.step_verdict or "level", "level within noise")
-    return (f"Perplexity of the reference answers {word}: {_fmt_number(p.value)} -> {_fmt_number(s.value)} "
+    return (f"{_PERPLEXITY_OF[m.name]} {word}: {_fmt_number(p.value)} -> {_fmt_number(s.value)} "
             f"(lower is better{ci}).")
 
 
@@ -432,7 +466,7 @@ def _perplexity_sentence(m: Measure, label: str, base_label: str, *, alone: bool
     s, b = m.scores[label], m.scores[base_label]
     ci = _fmt_interval(s.delta_lo, s.delta_hi, False, signed=True)
     ci = f", 95% CI of the change {ci}" if ci else ""
-    text = (f"Perplexity of the reference answers {_fmt_number(b.value)} -> {_fmt_number(s.value)} "
+    text = (f"{_PERPLEXITY_OF[m.name]} {_fmt_number(b.value)} -> {_fmt_number(s.value)} "
             f"(lower is better{ci}).")
     return f"{label} vs {base_label}: {text}" if alone else text
 
@@ -516,7 +550,7 @@ def _write_plots(results: list[EvalResult], c: Comparison, out_dir: Path) -> dic
     colors = plots.model_colors(c.labels, c.base_label)
     images: dict[str, list[_Image]] = {"scores": [], "training": []}
     for percent in (True, False):
-        group = [m for m in c.measures if m.name != PERPLEXITY and m.percent == percent]
+        group = [m for m in c.measures if m.name not in PERPLEXITIES and m.percent == percent]
         if not group:
             continue
         name = "metrics.png" if percent else "metrics_other.png"
@@ -526,14 +560,13 @@ def _write_plots(results: list[EvalResult], c: Comparison, out_dir: Path) -> dic
                                       ylabel="% of rows" if percent else "mean score")
         images["scores"].append(_Image(path, "bar chart of each metric per model",
                                        "Mean score per model; whiskers are 95% bootstrap intervals."))
-    ppl = next((m for m in c.measures if m.name == PERPLEXITY), None)
-    if ppl is not None and ppl.scores:
-        bars = {PERPLEXITY: {k: plots.Bar(s.value, s.lo, s.hi) for k, s in ppl.scores.items()}}
-        path = plots.plot_metric_bars(bars, out_dir / "perplexity.png", colors=colors,
-                                      title="Perplexity (lower is better)",
-                                      ylabel="perplexity")
-        images["scores"].append(_Image(path, "bar chart of perplexity per model",
-                                       "Perplexity of the reference answers; lower is better."))
+    for ppl in (m for m in c.measures if m.name in PERPLEXITIES and m.scores):
+        bars = {ppl.name: {k: plots.Bar(s.value, s.lo, s.hi) for k, s in ppl.scores.items()}}
+        what = _PERPLEXITY_OF[ppl.name]
+        path = plots.plot_metric_bars(bars, out_dir / f"{ppl.name}.png", colors=colors,
+                                      title=f"{what} (lower is better)", ylabel="perplexity")
+        images["scores"].append(_Image(path, f"bar chart of {what.lower()} per model",
+                                       f"{what}; lower is better. Whiskers are 95% bootstrap intervals."))
     used: set[str] = set()
     for r in results:
         if not r.run_dir:
@@ -596,6 +629,7 @@ def _render_html(
         num_models=len(c.labels),
         num_rows=c.num_rows,
         data=results[0].data if results else "",
+        text=_text_note(results),
         settings=_settings_text(results),
         when=time.strftime("%Y-%m-%d %H:%M"),
         tone="better" if verdicts == {"better"} else "worse" if verdicts == {"worse"} else "",
@@ -610,6 +644,14 @@ def _render_html(
     )
     # markupsafe writes a double quote as &#34;; the report has always used the named entity
     return page.replace("&#34;", "&quot;")
+
+
+def _text_note(results: list[EvalResult]) -> dict[str, Any] | None:
+    """The held-out text the perplexity row was measured on (compare --text), and its number of documents."""
+    measured = [r for r in results if r.text_data]
+    if not measured:
+        return None
+    return {"source": measured[0].text_data, "num_docs": max(len(r.text_losses) for r in measured)}
 
 
 def _settings_text(results: list[EvalResult]) -> str:
@@ -686,7 +728,7 @@ def _examples_table(results: list[EvalResult], examples: list[EvalExample], c: C
     disagree = set(c.disagreements)
     ordered = [i for i in indices if i in disagree] + [i for i in indices if i not in disagree]
     shown = ordered[:MAX_EXAMPLES]
-    primary = next((m.name for m in c.measures if m.name != PERPLEXITY), None)
+    primary = next((m.name for m in c.measures if m.name not in PERPLEXITIES), None)
     num_models = len(results)
     # Prompt and reference get fixed shares; the model columns split the rest evenly.
     model_share = 64 / max(num_models, 1) if num_models <= 2 else 70 / num_models

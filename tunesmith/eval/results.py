@@ -51,6 +51,10 @@ class EvalResult:
     generation: dict[str, Any] = field(default_factory=dict)  # settings used: max_new_tokens, temperature, ...
     timing: dict[str, float] = field(default_factory=dict)  # seconds, new_tokens, new_tokens_per_s
     run_dir: str | None = None  # the training run folder, when the model came from one
+    # Held-out plain text (compare --text): the domain's own text, the measure of continued pretraining
+    text_data: str | None = None  # its source
+    text_perplexity: float | None = None  # over every predicted token of every document
+    text_losses: list[list[float]] = field(default_factory=list)  # per document, in order: [mean token loss, tokens]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for results.json."""

@@ -363,6 +363,10 @@ def create_ui_app(runs: Path, *, token: str | None = None) -> Any:
             args += ["--limit", str(int(body["limit"]))]
         if body.get("max_new_tokens"):
             args += ["--max-new-tokens", str(int(body["max_new_tokens"]))]
+        if str(body.get("text") or "").strip():
+            args += ["--text", str(body["text"]).strip()]
+        if body.get("chain"):
+            args.append("--chain")
         job = jobs.launch(runs, "compare", name, args, out=str(out))
         return {"job": job.to_dict()}
 

@@ -371,6 +371,8 @@ async function showChat() {
       <div class="card"><div class="row"><input class="wide" id="cmp-data" placeholder="data file with prompts and reference answers (.jsonl, .csv, ...)" style="flex:1">
         <label class="small">rows <input id="cmp-limit" value="20" size="4"></label>
         <button id="compare">Run tunesmith compare</button></div>
+        <div class="row" style="margin-top:8px"><input class="wide" id="cmp-text" placeholder="optional: held-out plain text of your domain (field text, or .txt) for its perplexity" style="flex:1">
+          <label class="small"><input type="checkbox" id="cmp-chain"> stages in order (each against the one before)</label></div>
         <p class="small">The first model in the list that is ticked is the base the others are compared with. The comparison runs as its
           own process; its report opens below when written.</p><div id="jobs"></div></div>
     </div><div class="side"><div class="card"><h3 style="margin:0 0 6px;font-size:13px">Models</h3>
@@ -401,7 +403,8 @@ async function showChat() {
   };
   $("#compare").onclick = async () => {
     try {
-      await api("/api/compare", { models: picked(), data: $("#cmp-data").value.trim(), limit: Number($("#cmp-limit").value) || null });
+      await api("/api/compare", { models: picked(), data: $("#cmp-data").value.trim(), limit: Number($("#cmp-limit").value) || null,
+                                  text: $("#cmp-text").value.trim() || null, chain: $("#cmp-chain").checked });
       refreshJobs();
     } catch (e) { toast(e.message); }
   };
