@@ -248,8 +248,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--labels", type=int, default=16, help="labelled rows for SFT (deliberately few)")
     parser.add_argument("--sft-steps", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=128, help="unlabelled prompts for GRPO")
-    parser.add_argument("--grpo-steps", type=int, default=12, help="0 skips the reinforcement stage")
-    parser.add_argument("--test-rows", type=int, default=64, help="held-out labelled rows every model answers")
+    parser.add_argument("--grpo-steps", type=int, default=24, help="0 skips the reinforcement stage")
+    parser.add_argument("--test-rows", type=int, default=128, help="held-out labelled rows every model answers")
     args = parser.parse_args(argv)
     for name in ("corpus_docs", "heldout_docs", "labels", "prompts", "test_rows"):
         if getattr(args, name) < 1:
@@ -297,8 +297,11 @@ def main(argv: list[str] | None = None) -> int:
             "data": {"train": str(out / "data/prompts.jsonl")},
             "rl": {"rewards": ["tunesmith.demo:sentence_check"], "group_size": GRPO_GROUP,
                    "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0, "update_epochs": 1, "micro_batch_size": 8,
-                   "kl_coef": 0.04, "samples_every": 4},
-            # at 2e-4 for 8 steps the policy barely moved (KL to the SFT model under 0.01, greedy answers unchanged)
+                   # no KL penalty (as Dr. GRPO and DAPO): it spares the reference model's forward pass, a third of
+                   # each step here, and the held-out domain perplexity shows whether the policy drifted
+                   "kl_coef": 0.0, "samples_every": 4},
+            # at 2e-4 for 8 steps the policy barely moved (KL to the SFT model under 0.01, greedy answers unchanged);
+            # 12 steps at 1e-3 gained +6 to +17 points, level on one seed of three; 24 steps, on seed 2: +15
             "train": {"max_steps": args.grpo_steps, "batch_size": 4, "lr": 1e-3, "max_length": 256,
                       "warmup_ratio": 0.0, "save_every": 0, "eval_every": 0, "seed": args.seed},
         }),

@@ -44,7 +44,7 @@ def check_demo(out: Path, code: int) -> None:
     # the GRPO run logged its rollouts, rewarded by the demo's module:function verifier
     steps = [json.loads(x) for x in (out / "grpo/metrics.jsonl").read_text().splitlines()]
     steps = [s for s in steps if "reward" in s]
-    assert steps and steps[0]["kl"] == 0.0
+    assert steps and "kl" not in steps[0]  # no KL penalty: no reference pass, and no KL to log
     assert {"reward/tunesmith.demo:sentence_check", "entropy", "completion_length"} <= set(steps[0])
     samples = [json.loads(x) for x in (out / "grpo/samples.jsonl").read_text().splitlines()]
     assert samples and all("completion" in s for s in samples)
