@@ -143,7 +143,7 @@ def test_held_out_text_perplexity_is_a_measure_of_the_chain(tmp_path: Path) -> N
     page = write_report(results, [EvalExample(index=i, location=f"test.jsonl line {i + 1}", reference="{}", prompt="q",
                                               messages=[{"role": "user", "content": "q"}]) for i in range(NUM_ROWS)],
                         tmp_path, chain=True, title="chain").read_text()
-    assert "held-out text perplexity on 12 documents of <code>heldout_docs.jsonl</code>" in page
+    assert "and on the perplexity of 12 held-out documents of <code>heldout_docs.jsonl</code>" in page
     assert "<th scope=\"row\">held-out text perplexity" in page
     assert (tmp_path / "text_perplexity.png").is_file()
     saved = json.loads((tmp_path / "results.json").read_text())

@@ -563,8 +563,9 @@ def _write_plots(results: list[EvalResult], c: Comparison, out_dir: Path) -> dic
     for ppl in (m for m in c.measures if m.name in PERPLEXITIES and m.scores):
         bars = {ppl.name: {k: plots.Bar(s.value, s.lo, s.hi) for k, s in ppl.scores.items()}}
         what = _PERPLEXITY_OF[ppl.name]
+        short = "Held-out text" if ppl.name == TEXT_PERPLEXITY else "Perplexity"
         path = plots.plot_metric_bars(bars, out_dir / f"{ppl.name}.png", colors=colors,
-                                      title=f"{what} (lower is better)", ylabel="perplexity")
+                                      title=f"{short} (lower is better)", ylabel="perplexity")
         images["scores"].append(_Image(path, f"bar chart of {what.lower()} per model",
                                        f"{what}; lower is better. Whiskers are 95% bootstrap intervals."))
     used: set[str] = set()
