@@ -68,16 +68,13 @@ def answer_tokens(tokenizer, examples: list[EvalExample]) -> list[tuple[list[int
 
 
 @torch.no_grad()
-def answer_losses(
-    model, tokenizer, examples: list[EvalExample], batch_size: int = 16
-) -> list[tuple[float, int] | None]:
-    """Per example, (sum of token losses, number of tokens) of its reference answer; None where it has none."""
+def document_losses(model, tokenizer, documents: list, batch_size: int = 16) -> list[tuple[float, int]]:
+    """Per document (a `make_document` row), (sum of the losses of its labelled tokens, their number); documents of
+    similar length are batched together, one per row, so none attends to another."""
     from tunesmith.core.next_token import answer_logps
     from tunesmith.model.parts import decoder_and_head
 
-    owners = [k for k, e in enumerate(examples) if e.reference is not None]  # answer_tokens keeps these, in order
-    documents = [make_document(ids, labels) for ids, labels in answer_tokens(tokenizer, examples)]
-    out: list[tuple[float, int] | None] = [None] * len(examples)
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(documents)
     if not documents:
         return out
     decoder, head = decoder_and_head(model)
@@ -89,25 +86,34 @@ def answer_losses(
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             batch = collate([documents[k] for k in chunk], tokenizer.pad_token_id or 0)
-            # one document per row: the row number says whose answer each token is (padding has no labels)
+            # one document per row: the row number says whose token each is (padding has no labels)
             seq_index = torch.arange(len(chunk))[:, None].expand_as(batch["input_ids"])
             logp_sums, counts = answer_logps(decoder, head, **{k: v.to(device) for k, v in batch.items()},
                                              seq_index=seq_index.to(device))
             for k, logp_sum, count in zip(chunk, logp_sums.tolist(), counts.tolist()):
-                out[owners[k]] = (-logp_sum, int(count))
+                out[k] = (-logp_sum, int(count))
     finally:
         model.train(was_training)
     return out
 
 
-@torch.no_grad()
+def answer_losses(
+    model, tokenizer, examples: list[EvalExample], batch_size: int = 16
+) -> list[tuple[float, int] | None]:
+    """Per example, (sum of token losses, number of tokens) of its reference answer; None where it has none."""
+    owners = [k for k, e in enumerate(examples) if e.reference is not None]  # answer_tokens keeps these, in order
+    documents = [make_document(ids, labels) for ids, labels in answer_tokens(tokenizer, examples)]
+    out: list[tuple[float, int] | None] = [None] * len(examples)
+    for k, loss in zip(owners, document_losses(model, tokenizer, documents, batch_size)):
+        out[k] = loss
+    return out
+
+
 def text_losses(model, tokenizer, source: str, *, max_length: int = 1024, batch_size: int = 16
                 ) -> list[tuple[float, int]]:
     """Per document of a plain-text source, (mean token loss, predicted tokens), tokenized as pretraining does;
     a document longer than max_length is scored in max_length blocks, each token predicted once."""
-    from tunesmith.core.next_token import answer_logps
     from tunesmith.data.dataset import text_blocks, tokenize_text_file
-    from tunesmith.model.parts import decoder_and_head
 
     if max_length < 2:
         raise TunesmithError(f"max_length: must be at least 2 tokens, got {max_length}")
@@ -116,25 +122,10 @@ def text_losses(model, tokenizer, source: str, *, max_length: int = 1024, batch_
         for block in text_blocks(ids, max_length):
             blocks.append(make_document(block, block))
             owners.append(k)
-    sums = [0.0] * (owners[-1] + 1)
-    counts = [0] * len(sums)
-    decoder, head = decoder_and_head(model)
-    device = next(model.parameters()).device
-    order = sorted(range(len(blocks)), key=lambda k: len(blocks[k].input_ids))  # similar lengths: little padding
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            batch = collate([blocks[k] for k in chunk], tokenizer.pad_token_id or 0)
-            seq_index = torch.arange(len(chunk))[:, None].expand_as(batch["input_ids"])
-            logp_sums, num = answer_logps(decoder, head, **{k: v.to(device) for k, v in batch.items()},
-                                          seq_index=seq_index.to(device))
-            for k, logp_sum, n in zip(chunk, logp_sums.tolist(), num.tolist()):
-                sums[owners[k]] -= logp_sum
-                counts[owners[k]] += int(n)
-    finally:
-        model.train(was_training)
+    sums, counts = [0.0] * (owners[-1] + 1), [0] * (owners[-1] + 1)
+    for k, (loss_sum, n) in zip(owners, document_losses(model, tokenizer, blocks, batch_size)):
+        sums[k] += loss_sum
+        counts[k] += n
     return [(s / n if n else math.nan, n) for s, n in zip(sums, counts)]
 
 
