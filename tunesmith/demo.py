@@ -245,6 +245,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--corpus-docs", type=int, default=160, help="domain documents for continued pretraining")
     parser.add_argument("--heldout-docs", type=int, default=32, help="held-out documents for the domain perplexity")
     parser.add_argument("--pretrain-steps", type=int, default=10, help="0 skips the self-supervised stage")
+    parser.add_argument("--pretrain-lr", type=float, default=2e-3, help="learning rate of continued pretraining")
     parser.add_argument("--labels", type=int, default=16, help="labelled rows for SFT (deliberately few)")
     parser.add_argument("--sft-steps", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=128, help="unlabelled prompts for GRPO")
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = [
         ("pretrain", args.pretrain_steps, {
             "data": {"train": str(out / "data/corpus.jsonl"), "format": "text"},
-            "train": {"max_steps": args.pretrain_steps, "batch_size": 4, "lr": 2e-3, "max_length": 128,
+            "train": {"max_steps": args.pretrain_steps, "batch_size": 4, "lr": args.pretrain_lr, "max_length": 128,
                       "warmup_ratio": 0.1, "save_every": 0, "eval_every": 0, "seed": args.seed},
         }),
         ("sft", args.sft_steps, {
