@@ -1,7 +1,8 @@
 """`tunesmith ui` as a person uses it: Debian's Chromium, driven by Playwright, against a live dashboard.
 
 Fill the new-run form, meet a validation error beside its field, fix it, preview the data, start a run, watch its
-loss curve gain points, see it finish and open its report, chat with the tuned model and its base; then stop a run
+loss curve gain points, see it finish and open its report, chat with the tuned model and its base, score both with
+`tunesmith compare` launched from the page (as a chain, with held-out text) and open its report; then stop a run
 from its page and resume it. The delay from a metrics line being written to its point on the chart is measured
 here (set TUNESMITH_UI_SHOTS=DIR to keep the screenshots).
 """
@@ -193,6 +194,25 @@ def test_form_to_finished_run_report_and_chat(dashboard, page) -> None:
     assert page.inner_text("#answer-1").strip()  # the tuned model answered, streamed through serve's endpoint
 
     page.screenshot(path=str(dashboard["shots"] / "chat.png"), full_page=True)
+
+    # the same two models, scored on a data file by `tunesmith compare` launched from the page: as stages in order,
+    # and on held-out plain text too; its report opens from the page
+    docs = write_jsonl(dashboard["runs"].parent / "docs.jsonl", [{"text": " ".join(r["prompt"].split()[:6])}
+                                                                 for r in chat_rows(6)])
+    page.fill("#cmp-data", str(dashboard["data"]))
+    page.fill("#cmp-limit", "4")
+    page.fill("#cmp-text", str(docs))
+    page.check("#cmp-chain")
+    page.click("#compare")
+    link = page.wait_for_selector('#jobs a:has-text("open the report")', timeout=120_000)
+    job = page.inner_text("#jobs")
+    assert "--chain" in job and f"--text {docs}" in job, job
+    page.screenshot(path=str(dashboard["shots"] / "compare-job.png"), full_page=True)
+    page.goto(dashboard["url"].rstrip("/") + link.get_attribute("href"))
+    page.wait_for_selector("#headline")
+    assert "this stage\u2019s gain" in page.inner_text("#scores") and "held-out text perplexity" in page.inner_text("#scores")
+    assert "on the perplexity of 6 held-out documents" in page.inner_text(".meta")
+    page.screenshot(path=str(dashboard["shots"] / "compare-report.png"), full_page=True)
 
 
 def test_stop_and_resume_from_the_page(dashboard, page) -> None:
