@@ -205,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--limit", type=int, help="evaluate the first N rows only")
     p_eval.add_argument("--no-perplexity", action="store_true", help="skip the perplexity of reference answers")
     p_eval.add_argument("--no-generate", action="store_true", help="perplexity only: no answers, no metrics")
+    p_eval.add_argument("--text", metavar="FILE", help="held-out plain text (field 'text', or .txt): also measure the "
+                        "model's perplexity on it, per document, as pretraining tokenizes it")
     p_eval.add_argument("--split", default="train", help="split of an HF dataset")
     p_eval.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p_eval.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with a hub model")

@@ -215,3 +215,28 @@ def test_a_run_folder_loads_merged_then_adapter(tiny_model_dir: Path, tmp_path: 
                        "--no-generate")
     (result,) = json.loads((tmp_path / "o/results.json").read_text())["results"]
     assert result["mean_loss"] == pytest.approx(summary["eval_loss"], rel=1e-5)  # the loss training reported
+
+
+def test_held_out_text_perplexity_by_hand(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    """--text: each document's mean loss is the model's next-token loss over BOS + text + EOS, computed here
+    directly, one document per forward pass; the perplexity is over all their tokens."""
+    data = write_jsonl(tmp_path / "test.jsonl", ROWS)
+    texts = ["apple river stone", "the cloud over the lamp is a tiger", "stone"]
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in texts])
+    code, out, _ = _eval(capsys, "--model", str(tiny_model_dir), "--data", str(data), "--text", str(docs),
+                         "--no-generate", "--out", str(tmp_path / "out"))
+    assert code == 0
+    (result,) = json.loads((tmp_path / "out/results.json").read_text())["results"]
+    model, tokenizer, _ = load_for_eval(str(tiny_model_dir), LoadConfig())
+    by_hand = []
+    with torch.no_grad():
+        for text in texts:
+            ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"],
+                   tokenizer.eos_token_id]
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+            by_hand.append((F.cross_entropy(logits, torch.tensor(ids[1:])).item(), len(ids) - 1))
+    assert [n for _, n in result["text_losses"]] == [n for _, n in by_hand]
+    assert [x for x, _ in result["text_losses"]] == pytest.approx([x for x, _ in by_hand], rel=1e-5)
+    mean = sum(x * n for x, n in by_hand) / sum(n for _, n in by_hand)
+    assert result["text_perplexity"] == pytest.approx(math.exp(mean), rel=1e-5) and result["text_data"] == str(docs)
+    assert f"held-out text perplexity    {result['text_perplexity']:>12.4f}  (3 documents of {docs}" in out

@@ -240,6 +240,10 @@ def format_table(result: EvalResult, num_with_reference: int) -> str:
                      f"{int(result.timing.get('answer_tokens', 0)):,} answer tokens)")
     elif num_with_reference == 0:
         lines.append(f"{'perplexity':<28}{'-':>12}  (no reference answers)")
+    if result.text_perplexity is not None:
+        tokens = sum(int(n) for _, n in result.text_losses)
+        lines.append(f"{'held-out text perplexity':<28}{result.text_perplexity:>12.4f}  ({len(result.text_losses)} "
+                     f"documents of {result.text_data}, {tokens:,} tokens)")
     lines.append(f"{'rows':<28}{n:>12}")
     if "new_tokens_per_s" in result.timing:
         t = result.timing
@@ -270,6 +274,10 @@ def run_eval_command(args: Any) -> int:
     check_references(resolve_metrics(metrics), examples, args.data)  # before the (slow) model load
     if metrics and not generate_answers:
         raise TunesmithError(f"--no-generate: metrics {', '.join(metrics)} score generated answers; drop one of them")
+    if args.text:
+        from tunesmith.data.dataset import text_records
+
+        text_records(args.text, args.split)  # a missing or non-text file fails before the model loads
 
     load = LoadConfig(trust_remote_code=args.trust_remote_code, dtype=args.dtype)
     model, tokenizer, run_dir = load_for_eval(args.model, load)
@@ -279,6 +287,8 @@ def run_eval_command(args: Any) -> int:
     result = evaluate(model, tokenizer, examples, metrics=metrics, settings=settings,
                       perplexity=not args.no_perplexity, label=label, spec=args.model, data=args.data,
                       generate_answers=generate_answers, run_dir=run_dir)
+    if args.text:
+        add_text_perplexity(result, model, tokenizer, args.text, batch_size=settings.batch_size)
     out_dir = Path(args.out) if args.out else default_out_dir(args.model)
     path = write_results(out_dir, [result], examples)
     print(format_table(result, num_with_reference))
