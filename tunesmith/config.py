@@ -54,7 +54,7 @@ class DataConfig:
 
     train: str | None = field(default=None, metadata=_doc("training data: .jsonl/.json/.csv/.parquet file, a saved HF dataset folder, or a hub dataset name"))
     eval: str | None = field(default=None, metadata=_doc("held-out data for eval loss and perplexity, same formats as `train`"))
-    test: str | None = field(default=None, metadata=_doc("held-out rows with reference answers for the base-vs-tuned report (sft data.eval serves when unset)"))
+    test: str | None = field(default=None, metadata=_doc("held-out rows with reference answers for the base-vs-tuned report (sft data.eval serves when unset); for pretrain, held-out plain text whose perplexity the report compares (data.eval serves when unset)"))
     format: Literal["auto", "text", "prompt_completion", "messages", "alpaca", "sharegpt"] = field(default="auto", metadata=_doc("data format; auto detects it from the fields"))
     overflow: Literal["truncate", "drop"] = field(default="truncate", metadata=_doc("what to do with samples longer than train.max_length"))
     split: str = field(default="train", metadata=_doc("split to read from an HF dataset"))
@@ -167,7 +167,7 @@ class PpoConfig:
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    """The base-vs-tuned evaluation a run ends with (on data.test, or on sft's data.eval)."""
+    """The base-vs-tuned evaluation a run ends with (on data.test, or on sft's data.eval; a pretrain run's on held-out text)."""
 
     before: bool = field(default=True, metadata=_doc("evaluate the base model before the first step and write the comparison report"))
     metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS), metadata=_doc("generation metrics: exact_match, contains, json_equal, or module:function"))

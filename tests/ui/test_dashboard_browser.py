@@ -237,3 +237,26 @@ def test_stop_and_resume_from_the_page(dashboard, page) -> None:
     steps = [json.loads(line)["step"] for line in (dashboard["runs"] / "long" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 151))  # resumed where it stopped: every step once
     assert "(resumed at" in (read_jobs(dashboard["runs"])[-1].log_tail(10))
+
+
+def test_an_rl_run_shows_reward_kl_and_its_sampled_completions(dashboard, page) -> None:
+    prompts = write_jsonl(dashboard["runs"].parent / "prompts.jsonl",
+                          [{"prompt": f"Write about {r['completion'].split()[0]}"} for r in chat_rows(8)])
+    values = {"method": "grpo", "model": str(dashboard["model"]), "data.train": str(prompts),
+              "output_dir": str(dashboard["runs"] / "rl"), "rl.rewards": "[tests.methods.test_rl_methods:share_of_e]",
+              "rl.group_size": "4", "rl.max_new_tokens": "8", "rl.samples_every": "2", "train.max_steps": "6",
+              "train.batch_size": "2", "train.max_length": "64", "train.save_every": "0", "eval.before": "false",
+              "log.report_to": "[]"}
+    started = page.request.post(dashboard["url"] + "api/start", data={"values": values})
+    assert started.ok, started.text()
+    page.goto(dashboard["url"] + "#/run/rl")
+    page.wait_for_selector("#run-badge .badge.finished", timeout=120_000)
+    for chart in ("reward", "kl"):  # the RL charts appear with the first line that carries their measures
+        page.wait_for_function(f"Number(document.querySelector('[data-chart={chart}]')?.dataset.points) === 6",
+                               timeout=30_000)
+    samples = page.wait_for_selector("#samples table", timeout=30_000).inner_text()
+    logged = [json.loads(x) for x in (dashboard["runs"] / "rl" / "samples.jsonl").read_text().splitlines()]
+    last = [s for s in logged if s["step"] == logged[-1]["step"]]
+    assert f"Latest sampled completions (step {last[0]['step']})" in page.inner_text("#samples")
+    assert "reward" in samples.lower() and last[0]["prompt"].split()[-1] in samples
+    page.screenshot(path=str(dashboard["shots"] / "run-rl.png"), full_page=True)

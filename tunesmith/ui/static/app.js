@@ -124,7 +124,7 @@ function showRun(name) {
     <div class="grid" id="charts"></div>
     <div id="samples"></div>
     <h2>Report: base vs tuned</h2><div id="report" class="card small">The report appears here once the run has
-      evaluated the tuned model against its base on held-out rows (<code>data.test</code>, or sft's <code>data.eval</code>).</div>
+      evaluated the tuned model against its base on held-out rows (<code>data.test</code>, or sft's <code>data.eval</code>), or a pretrain run against its base on held-out text.</div>
     <h2>Resolved config</h2><pre id="config" class="config">–</pre>
     <div id="log"></div>`;
   $("#run-name").textContent = name;
