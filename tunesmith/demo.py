@@ -35,6 +35,10 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the heavy imports wait until the demo runs
+    from tunesmith.eval.results import EvalResult
 
 FIRST = ["Maria", "James", "Aiko", "Liam", "Sofia", "Omar", "Chen", "Elena", "Noah", "Priya", "Lucas", "Fatima",
          "Ivan", "Grace", "Mateo", "Hana", "Oliver", "Zara", "Diego", "Nora", "Felix", "Amara", "Hugo", "Leila",
@@ -338,7 +342,7 @@ class Stage:
 
     def __init__(self, label: str, spec: str, run_dir: Path | None) -> None:
         self.label, self.spec, self.run_dir = label, spec, run_dir
-        self.result: dict = {}
+        self.result: EvalResult | None = None  # on the held-out test rows and documents
         self.wall_s = self.cpu_s = 0.0  # training, from loading the previous model to writing merged/
         self.eval_wall_s = self.eval_cpu_s = 0.0  # answering the test rows and scoring the held-out documents
 
@@ -370,16 +374,10 @@ def evaluate_stage(out: Path, stage: Stage) -> None:
                       label=stage.label, settings=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS, batch_size=EVAL_BATCH),
                       spec=stage.spec, data=test, run_dir=run_dir)
     add_text_perplexity(result, model, tokenizer, str(out / "data/heldout_docs.jsonl"), batch_size=EVAL_BATCH)
-    stage.result = result.to_dict()
+    stage.result = result
     stage.eval_wall_s, stage.eval_cpu_s = time.perf_counter() - wall, time.process_time() - cpu
-    print(f"{stage.label}: exact match {stage.result['metrics']['exact_match']:.1%} on {len(result.rows)} held-out "
+    print(f"{stage.label}: exact match {result.metrics['exact_match']:.1%} on {len(result.rows)} held-out "
           f"rows, {DOMAIN_PPL} {result.text_perplexity:.2f}", flush=True)
-
-
-def _results(stages: list[Stage]) -> list:
-    from tunesmith.eval.results import EvalResult
-
-    return [EvalResult.from_dict({**s.result, "label": s.label}) for s in stages]
 
 
 def write_chain_report(out: Path, stages: list[Stage]) -> Path:
@@ -389,7 +387,7 @@ def write_chain_report(out: Path, stages: list[Stage]) -> Path:
 
     examples = load_eval_examples(str(out / "data/test.jsonl"))
     title = " -> ".join(s.label for s in stages) + " on the held-out demo rows"
-    return write_report(_results(stages), examples, out / "report", base_label=stages[0].label, title=title, chain=True)
+    return write_report([s.result for s in stages], examples, out / "report", base_label=stages[0].label, title=title, chain=True)
 
 
 def stage_table(stages: list[Stage]) -> list[dict]:
@@ -398,12 +396,12 @@ def stage_table(stages: list[Stage]) -> list[dict]:
     training."""
     from tunesmith.eval.report import TEXT_PERPLEXITY, compare_results
 
-    measures = {m.name: m for m in compare_results(_results(stages), stages[0].label, chain=True).measures}
+    measures = {m.name: m for m in compare_results([s.result for s in stages], stages[0].label, chain=True).measures}
     em, ppl = measures["exact_match"], measures[TEXT_PERPLEXITY]
     table = []
     for stage in stages:
         entry = {"stage": stage.label, "exact_match": em.scores[stage.label].value,
-                 "answer_perplexity": stage.result.get("perplexity"), DOMAIN_PPL: ppl.scores[stage.label].value,
+                 "answer_perplexity": stage.result.perplexity, DOMAIN_PPL: ppl.scores[stage.label].value,
                  "train_wall_s": round(stage.wall_s, 1), "train_cpu_s": round(stage.cpu_s, 1),
                  "eval_wall_s": round(stage.eval_wall_s, 1), "eval_cpu_s": round(stage.eval_cpu_s, 1)}
         if stage is not stages[0]:
@@ -458,7 +456,7 @@ def print_summary(out: Path, stages: list[Stage], table: list[dict], test_rows: 
     ex = test_rows[0]
     print(f"\nexample: {ex['messages'][1]['content'].splitlines()[-1]}\n  reference: {ex['messages'][-1]['content']}")
     for s in stages:
-        print(f"  {s.label + ':':<10} {' '.join((s.result['rows'][0]['output'] or '').split())[:110]}")
+        print(f"  {s.label + ':':<10} {' '.join((s.result.rows[0].output or '').split())[:110]}")
     print(f"\nreport:  {report}")
     print(f"table:   {out / 'stages.json'}")
     print("runs:    " + ", ".join(f"{s.run_dir} ({s.label})" for s in stages if s.run_dir)
