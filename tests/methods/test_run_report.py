@@ -74,6 +74,8 @@ def test_pretrain_run_is_judged_on_held_out_text(tmp_path: Path, tiny_model_dir:
 
     train = _text(tmp_path, "train.jsonl", WORDS * 4)
     held_out = _text(tmp_path, "held_out.jsonl", WORDS[3:] + WORDS[:3])
+    with held_out.open("a") as f:  # one document longer than train.max_length: scored in blocks, as eval does
+        f.write(json.dumps({"text": " ".join(WORDS * 2)}) + "\n")
     cfg = run_config(tiny_model_dir, train, tmp_path / "run", max_steps=12, lr=2e-2, max_length=32)
     cfg["method"] = "pretrain"
     cfg["data"][where] = str(held_out)
@@ -81,14 +83,14 @@ def test_pretrain_run_is_judged_on_held_out_text(tmp_path: Path, tiny_model_dir:
 
     saved = json.loads((tmp_path / "run/report/results.json").read_text())
     base, tuned = saved["results"]
-    assert base["rows"] == [] and len(base["text_losses"]) == len(tuned["text_losses"]) == 6
+    assert base["rows"] == [] and len(base["text_losses"]) == len(tuned["text_losses"]) == 7
     assert tuned["text_perplexity"] < base["text_perplexity"] and tuned["text_data"] == str(held_out)
     text = saved["comparison"]["measures"]["text_perplexity"]["models"]["tuned"]
     assert text["verdict"] == "better" and text["delta_ci"][1] < 0
     assert list(saved["comparison"]["measures"]) == ["text_perplexity"]
     assert saved["comparison"]["headline"][0].startswith("tuned vs base: Perplexity of the held-out text ")
     html = Path(result.outputs["report"]).read_text()
-    assert "on the perplexity of 6 held-out documents of <code>" in html and 'id="examples"' not in html
+    assert "on the perplexity of 7 held-out documents of <code>" in html and 'id="examples"' not in html
     if where == "eval":  # the report's number is the eval loss the run logged on the same file
         logged = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
         eval_ppl = [x["eval_ppl"] for x in logged if "eval_ppl" in x][-1]

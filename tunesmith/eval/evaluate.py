@@ -109,8 +109,8 @@ def answer_losses(
     return out
 
 
-def text_losses(model, tokenizer, source: str, *, max_length: int = 1024, batch_size: int = 16
-                ) -> list[tuple[float, int]]:
+def text_losses(model, tokenizer, source: str, *, max_length: int = 1024, batch_size: int = 16,
+                split: str = "train") -> list[tuple[float, int]]:
     """Per document of a plain-text source, (mean token loss, predicted tokens), tokenized as pretraining does;
     a document longer than max_length is scored in max_length blocks, each token predicted once."""
     from tunesmith.data.dataset import text_blocks, tokenize_text_file
@@ -118,7 +118,7 @@ def text_losses(model, tokenizer, source: str, *, max_length: int = 1024, batch_
     if max_length < 2:
         raise TunesmithError(f"max_length: must be at least 2 tokens, got {max_length}")
     blocks, owners = [], []
-    for k, (ids, _) in enumerate(tokenize_text_file(source, tokenizer)):
+    for k, (ids, _) in enumerate(tokenize_text_file(source, tokenizer, split)):
         for block in text_blocks(ids, max_length):
             blocks.append(make_document(block, block))
             owners.append(k)
@@ -129,9 +129,10 @@ def text_losses(model, tokenizer, source: str, *, max_length: int = 1024, batch_
     return [(s / n if n else math.nan, n) for s, n in zip(sums, counts)]
 
 
-def add_text_perplexity(result: EvalResult, model, tokenizer, source: str, *, batch_size: int = 16) -> None:
+def add_text_perplexity(result: EvalResult, model, tokenizer, source: str, *, batch_size: int = 16,
+                        max_length: int = 1024, split: str = "train") -> None:
     """Measure the perplexity of held-out plain text `source` and keep it, per document, in `result`."""
-    losses = text_losses(model, tokenizer, source, batch_size=batch_size)
+    losses = text_losses(model, tokenizer, source, max_length=max_length, batch_size=batch_size, split=split)
     counted = [(x, n) for x, n in losses if n > 0]
     total = sum(n for _, n in counted)
     result.text_data = source
@@ -288,7 +289,7 @@ def run_eval_command(args: Any) -> int:
                       perplexity=not args.no_perplexity, label=label, spec=args.model, data=args.data,
                       generate_answers=generate_answers, run_dir=run_dir)
     if args.text:
-        add_text_perplexity(result, model, tokenizer, args.text, batch_size=settings.batch_size)
+        add_text_perplexity(result, model, tokenizer, args.text, batch_size=settings.batch_size, split=args.split)
     out_dir = Path(args.out) if args.out else default_out_dir(args.model)
     path = write_results(out_dir, [result], examples)
     print(format_table(result, num_with_reference))

@@ -32,6 +32,8 @@ class RunEval:
     metrics: list[str]
     settings: GenerationSettings
     text: str | None = None  # held-out plain text whose perplexity is measured (pretrain runs)
+    text_max_length: int = 1024  # its documents are scored in blocks of this many tokens, as the run trains
+    split: str = "train"
 
 
 def plan(cfg: Config) -> RunEval | None:
@@ -44,7 +46,8 @@ def plan(cfg: Config) -> RunEval | None:
     if source is None and cfg.method == "sft":
         source = cfg.data.eval
     if source is None:
-        return None if text is None else RunEval(source=None, examples=[], metrics=[], settings=settings, text=text)
+        return None if text is None else RunEval(source=None, examples=[], metrics=[], settings=settings, text=text,
+                                                 text_max_length=cfg.train.max_length, split=cfg.data.split)
     examples = load_eval_examples(source, cfg.data.split)
     with_reference = [e for e in examples if e.reference is not None]
     if not with_reference:
@@ -59,7 +62,8 @@ def plan(cfg: Config) -> RunEval | None:
     if cfg.eval.max_rows is not None:
         with_reference = with_reference[: cfg.eval.max_rows]
     resolve_metrics(cfg.eval.metrics)  # unknown metrics fail now, not after training
-    return RunEval(source=source, examples=with_reference, metrics=list(cfg.eval.metrics), settings=settings, text=text)
+    return RunEval(source=source, examples=with_reference, metrics=list(cfg.eval.metrics), settings=settings, text=text,
+                   text_max_length=cfg.train.max_length, split=cfg.data.split)
 
 
 def _held_out_text(cfg: Config) -> str | None:
@@ -88,7 +92,8 @@ def _evaluate(model, tokenizer, run_eval: RunEval, label: str, spec: str) -> Eva
     else:
         result = EvalResult(label=label, spec=spec, data=run_eval.text or "", metrics={}, rows=[])
     if run_eval.text is not None:
-        add_text_perplexity(result, model, tokenizer, run_eval.text, batch_size=run_eval.settings.batch_size)
+        add_text_perplexity(result, model, tokenizer, run_eval.text, batch_size=run_eval.settings.batch_size,
+                            max_length=run_eval.text_max_length, split=run_eval.split)
     return result
 
 
