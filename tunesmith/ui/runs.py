@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunesmith.core.checkpoint import MANIFEST, PREFIX, checkpoint_dirs
 from tunesmith.model.lock import holder
 from tunesmith.model.runs import RUN_CONFIG, is_run_dir, run_config
 from tunesmith.ui.jobs import Job, read_jobs
@@ -214,14 +215,10 @@ def run_row(runs: Path, name: str, job: Job | None = None) -> RunRow:
 
 
 def _newest_checkpoint(run_dir: Path) -> int | None:
-    steps = []
-    for p in (run_dir / CHECKPOINTS).glob("step-*"):
-        if (p / "checkpoint.json").is_file():
-            try:
-                steps.append(int(p.name.split("-", 1)[1]))
-            except ValueError:
-                continue
-    return max(steps) if steps else None
+    """The step of the newest committed checkpoint with its manifest (its checksums are checked when it resumes:
+    hashing whole checkpoints every poll would cost too much)."""
+    committed = [d for d in checkpoint_dirs(run_dir / CHECKPOINTS) if (d / MANIFEST).is_file()]
+    return int(committed[-1].name.removeprefix(PREFIX)) if committed else None
 
 
 def list_runs(runs: Path) -> list[RunRow]:
