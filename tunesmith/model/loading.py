@@ -36,6 +36,7 @@ from tunesmith.config import LoadConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.model import attention
 from tunesmith.model.export import fsync_tree, make_temp_dir, replace_dir
+from tunesmith.model.lora import quantized_weight
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -197,7 +198,7 @@ def _release_weights_file(model: torch.nn.Module) -> None:
     resident memory (0.5 GB for SmolLM2-135M, more than the 4-bit weights save). Copied, the mapping is dropped.
     """
     for module in model.modules():
-        quantized = type(getattr(module, "weight", None)).__name__ in ("Params4bit", "Int8Params")
+        quantized = quantized_weight(module)
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if not (quantized and name == "weight"):
                 tensor.data = tensor.data.clone()
