@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from tunesmith.config import Config, apply_overrides, load_config, parse_override
+from tunesmith.config import Config, apply_overrides, load_config
 from tunesmith.config_docs import TOP, sections
 from tunesmith.errors import TunesmithError
 
@@ -132,9 +132,7 @@ def check(values: dict[str, str], runs: Path) -> dict[str, Any]:
     problems: list[dict[str, Any]] = []
     cfg = None
     try:
-        for item in items:
-            parse_override(item)
-        cfg = load_config({}, items)
+        cfg = load_config({}, items)  # each override parsed in order, as `tunesmith train` parses them
     except TunesmithError as exc:
         messages = exc.problems or [str(exc)]
         problems = [{"field": field_of(m, keys), "message": m} for m in messages]
