@@ -182,7 +182,7 @@ def _value(text: str, kind: type, low: float, high: float, name: str) -> float:
 def chat(model: str, *, compare: str | None = None, system: str | None = None,
          settings: ChatSettings | None = None) -> int:
     """Load the model (and the one to compare with) and chat until /quit (the `tunesmith chat` command)."""
-    from tunesmith.serve import load_models
+    from tunesmith.serve import load_models, stop_engines
 
     items: list[tuple[str | None, str]] = [(None, model)]
     if compare is not None:
@@ -198,5 +198,4 @@ def chat(model: str, *, compare: str | None = None, system: str | None = None,
     try:
         return Chat(list(served.values()), system=system, settings=settings).run()
     finally:
-        for engine in {id(s.engine): s.engine for s in served.values()}.values():
-            engine.stop()
+        stop_engines(served)

@@ -66,6 +66,17 @@ def parse_models(items: list[str]) -> list[tuple[str | None, str]]:
     return out
 
 
+def distinct_engines(served: dict[str, Served]) -> list[Any]:
+    """Each engine of `served` once: the LoRA runs of one base share their base's engine."""
+    return list({id(s.engine): s.engine for s in served.values()}.values())
+
+
+def stop_engines(served: dict[str, Served]) -> None:
+    """Stop every engine of `served`, each once."""
+    for engine in distinct_engines(served):
+        engine.stop()
+
+
 def load_models(items: list[tuple[str | None, str]], load: LoadConfig | None = None, *,
                 max_batch: int = 32) -> dict[str, Served]:
     """Load every model once (a base shared by its LoRA runs) and start its engine; names must be unique."""
@@ -288,8 +299,8 @@ def create_app(served: dict[str, Served], *, api_key: str | None = None):
 
     @app.get("/health")
     async def health() -> dict:
-        engines = {id(s.engine): s.engine for s in served.values()}.values()
-        return {"status": "ok", "models": list(served), "running": sum(e.num_running for e in engines)}
+        return {"status": "ok", "models": list(served),
+                "running": sum(e.num_running for e in distinct_engines(served))}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -490,8 +501,7 @@ def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_k
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
-        for engine in {id(s.engine): s.engine for s in served.values()}.values():
-            engine.stop()
+        stop_engines(served)
     print("server stopped", flush=True)
 
 

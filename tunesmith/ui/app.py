@@ -62,8 +62,9 @@ class ModelPool:
 
     def close(self) -> None:
         """Stop every engine."""
-        for engine in {id(s.engine): s.engine for s in self.served.values()}.values():
-            engine.stop()
+        from tunesmith.serve import stop_engines
+
+        stop_engines(self.served)
 
 
 def create_ui_app(runs: Path, *, token: str | None = None) -> Any:
