@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tunesmith.core.checkpoint import MANIFEST, PREFIX, checkpoint_dirs
 from tunesmith.model.lock import holder
@@ -86,22 +87,37 @@ class _Progress:
     recent: list[tuple[int, float]] = field(default_factory=list)  # (step, time) of the last train lines
 
 
-_cache: dict[Path, tuple[int, int, _Progress]] = {}
+T = TypeVar("T")
+_cache: dict[tuple[Path, Callable], tuple[int, int, Any]] = {}
+
+
+def _parsed(path: Path, parse: Callable[[str], T], missing: T) -> T:
+    """`parse` of the text of `path`, read and parsed again only when the file's size or time changed (the runs
+    table is rebuilt every second for every open page); `missing` when the file cannot be read."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return missing
+    key = (stat.st_size, stat.st_mtime_ns)
+    cached = _cache.get((path, parse))
+    if cached is not None and cached[:2] == key:
+        return cached[2]
+    try:
+        value = parse(path.read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return missing
+    _cache[(path, parse)] = (*key, value)
+    return value
 
 
 def progress_of(run_dir: Path) -> _Progress:
     """The figures of metrics.jsonl (read again only when the file changed)."""
-    path = run_dir / METRICS
-    try:
-        stat = path.stat()
-    except OSError:
-        return _Progress()
-    key = (stat.st_size, stat.st_mtime_ns)
-    cached = _cache.get(path)
-    if cached is not None and cached[:2] == key:
-        return cached[2]
+    return _parsed(run_dir / METRICS, _progress, _Progress())
+
+
+def _progress(text: str) -> _Progress:
     out = _Progress()
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in text.splitlines():
         try:
             rec = json.loads(line)
         except ValueError:
@@ -120,7 +136,6 @@ def progress_of(run_dir: Path) -> _Progress:
                 out.recent = (out.recent + [(out.step, t)])[-20:]
         if "eval_loss" in rec:
             out.eval_loss = _finite(rec.get("eval_loss"))
-    _cache[path] = (*key, out)
     return out
 
 
@@ -139,9 +154,13 @@ def _total_steps(config: dict[str, Any], progress: _Progress) -> int | None:
 
 
 def _headline(run_dir: Path) -> list[str]:
+    return _parsed(run_dir / RESULTS, _headline_of, [])
+
+
+def _headline_of(text: str) -> list[str]:
     try:
-        payload = json.loads((run_dir / RESULTS).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        payload = json.loads(text)
+    except ValueError:
         return []
     lines = (payload.get("comparison") or {}).get("headline") or []
     return [str(x) for x in lines]
@@ -240,11 +259,12 @@ def run_job(runs: Path, name: str) -> Job | None:
 
 def latest_samples(run_dir: Path, limit: int = 16) -> list[dict[str, Any]]:
     """The completions an RL run sampled at its latest sampled step, with their rewards."""
-    path = run_dir / SAMPLES
-    if not path.is_file():
-        return []
+    return _parsed(run_dir / SAMPLES, _latest_step, [])[:limit]
+
+
+def _latest_step(text: str) -> list[dict[str, Any]]:
     records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in text.splitlines():
         try:
             rec = json.loads(line)
         except ValueError:
@@ -254,4 +274,4 @@ def latest_samples(run_dir: Path, limit: int = 16) -> list[dict[str, Any]]:
     if not records:
         return []
     last = records[-1].get("step")
-    return [r for r in records if r.get("step") == last][:limit]
+    return [r for r in records if r.get("step") == last]
