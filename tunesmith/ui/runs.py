@@ -200,8 +200,10 @@ def run_row(runs: Path, name: str, job: Job | None = None) -> RunRow:
     row.log = str(job.log) if job is not None else None
 
     live = holder(run_dir) if run_dir.is_dir() else None
-    if live is not None:
-        row.status, row.detail = "running", f"training (pid {live})"
+    if live is not None:  # the train holds its run's lock from loading to its last output
+        done = progress.step and progress.step == row.total_steps
+        row.status = "running"
+        row.detail = f"{'writing its outputs and report' if done else 'training'} (pid {live})"
     elif (run_dir / SUMMARY).is_file():
         row.status, row.detail = "finished", "finished: its outputs and summary.json are written"
         try:
@@ -210,9 +212,7 @@ def run_row(runs: Path, name: str, job: Job | None = None) -> RunRow:
         except (OSError, ValueError):
             pass
     elif job is not None and job.alive:
-        row.status = "running"
-        row.detail = "writing the report" if progress.step and progress.step == row.total_steps else \
-            "starting: loading the model and data"
+        row.status, row.detail = "running", "starting: loading the model and data"
     elif job is not None and job.exit_code not in (None, 0) and not job.signalled:
         row.status, row.detail = "failed", _job_error(job)
         row.resumable = is_run_dir(run_dir)
