@@ -30,7 +30,7 @@ from tunesmith.config import TrainConfig
 from tunesmith.core import checkpoint as ckpt
 from tunesmith.core import fsdp, guards
 from tunesmith.core.contract import Objective, StepOutcome
-from tunesmith.core.distributed import DistInfo, all_reduce_sum, barrier
+from tunesmith.core.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier
 from tunesmith.core.logs import RunLogger, truncate_metrics
 from tunesmith.core.trackers import Trackers
 from tunesmith.data import Row, collate
@@ -169,13 +169,7 @@ def _reduce_stats(total: dict[str, torch.Tensor], count: float, info: DistInfo) 
     Every rank takes part in the same collectives even when its share was empty (an eval shard smaller
     than the number of ranks): the names are agreed first, and a rank without a statistic adds zero.
     """
-    names = sorted(total)
-    if info.enabled:
-        import torch.distributed as dist
-
-        gathered: list[list[str] | None] = [None] * info.world_size
-        dist.all_gather_object(gathered, names)
-        names = sorted({n for part in gathered for n in (part or [])})
+    names = sorted({n for part in all_gather_objects(sorted(total), info) for n in part})
     if not names:
         return {}
     zero = torch.zeros((), dtype=torch.float64, device=info.device)
