@@ -254,8 +254,8 @@ def create_ui_app(runs: Path, *, token: str | None = None) -> Any:
         if row.status in ("running", "finished"):
             raise TunesmithError(f"run {name!r} is {row.status}; only a stopped or failed run resumes")
         config = (run_dir / "config.yaml")
-        job = jobs.launch(runs, "train", name, ["train", str(config), f"output_dir={run_dir}"],
-                          config=_yaml(config))
+        # no config for the job record: the folder is a run folder, and its table row reads config.yaml itself
+        job = jobs.launch(runs, "train", name, ["train", str(config), f"output_dir={run_dir}"])
         return {"job": job.to_dict(), "command": f"tunesmith train {config}"}
 
     # ------------------------------------------------------------ new run
