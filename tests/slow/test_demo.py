@@ -1,5 +1,6 @@
 """The demo is a claim: run its whole pipeline on the default model at a fixed seed and check that every stage
-improved on the one before it, each on its own measure, with a paired 95% interval that excludes zero.
+improved on the one before it, each on its own measure, with a paired 95% interval that excludes zero, and that
+pretraining helped the later stages (SFT after it against the same SFT without it, `--ablate-pretrain`).
 
 It also stands for the GRPO run on the default model (rollouts, a module:function reward, the logged
 measures, samples.jsonl), which a separate slow test used to check on its own."""
@@ -17,7 +18,7 @@ from tunesmith import demo
 @pytest.mark.slow
 def test_demo_every_stage_improves_on_the_one_before(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    check_demo(out, demo.main(["--out", str(out), "--seed", "0"]))
+    check_demo(out, demo.main(["--out", str(out), "--seed", "0", "--ablate-pretrain"]))
 
 
 def check_demo(out: Path, code: int) -> None:
@@ -32,6 +33,13 @@ def check_demo(out: Path, code: int) -> None:
     assert all(table[s]["helped"] for s in ("pretrain", "sft", "grpo")) and code == 0
     assert table["grpo"]["exact_match"] > table["sft"]["exact_match"] > table["base"]["exact_match"]
 
+    # pretraining helped SFT: the facts only the corpus holds (which island a town is on) reach its answers
+    ablation = json.loads((out / "stages.json").read_text())["ablation"]
+    for key in ("exact_match", demo.ISLAND):
+        assert ablation[key]["delta"] > 0 and ablation[key]["ci"][0] > 0, (key, ablation[key])
+    assert ablation["helped"] and (out / "ablation/report.html").exists()
+    assert table["sft"]["island_right"] == pytest.approx(ablation[demo.ISLAND]["with"])
+
     # the report reads the same chain
     comparison = json.loads((out / "report/results.json").read_text())["comparison"]
     assert comparison["chain"] is True
@@ -45,6 +53,6 @@ def check_demo(out: Path, code: int) -> None:
     steps = [json.loads(x) for x in (out / "grpo/metrics.jsonl").read_text().splitlines()]
     steps = [s for s in steps if "reward" in s]
     assert steps and "kl" not in steps[0]  # no KL penalty: no reference pass, and no KL to log
-    assert {"reward/tunesmith.demo:sentence_check", "entropy", "completion_length"} <= set(steps[0])
+    assert {"reward/tunesmith.demo:register_check", "entropy", "completion_length"} <= set(steps[0])
     samples = [json.loads(x) for x in (out / "grpo/samples.jsonl").read_text().splitlines()]
     assert samples and all("completion" in s for s in samples)
