@@ -7,9 +7,9 @@ first model import, as `make demo` does; the whole run's wall and CPU time and t
     python bench/demo.py --seeds 0 1 2 --workdir /tmp/bench-demo > lines.jsonl
     python bench/demo.py --markdown lines.jsonl      # the per-stage table of bench/RESULTS.md
 
-With --ablate-pretrain, each seed also runs SFT alone on the base (`--pretrain-steps 0 --grpo-steps 0`, the same
-data) and prints whether pretraining helped SFT: the paired change in SFT's exact match on the same held-out rows,
-with and without the self-supervised stage before it.
+With --ablate-pretrain, each demo also runs SFT alone on the base (`tunesmith.demo --ablate-pretrain`: the same
+data, settings and seed) and prints whether pretraining helped SFT: the paired change in SFT's exact match and in
+its island answers on the same held-out rows, with and without the self-supervised stage before it.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_seed(seed: int, workdir: Path, extra: list[str], name: str | None = None) -> list[dict]:
+def run_seed(seed: int, workdir: Path, extra: list[str]) -> list[dict]:
     """One demo run; its stages.json rows, each with the seed, plus one row for the whole run."""
-    name = name or f"seed{seed}"
+    name = f"seed{seed}"
     out = workdir / name
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     load_before = [round(x, 2) for x in os.getloadavg()]
@@ -55,25 +55,13 @@ def run_seed(seed: int, workdir: Path, extra: list[str], name: str | None = None
     return [*rows, total]
 
 
-def pretrain_effect(seed: int, workdir: Path, extra: list[str]) -> dict:
-    """SFT's exact match after pretraining (the full demo of this seed, already run) against SFT on the base alone,
-    paired by held-out row."""
-    from tunesmith.eval.report import CONFIDENCE, NUM_BOOTSTRAP, SEED
-    from tunesmith.eval.stats import paired_delta_ci
-
-    without = run_seed(seed, workdir, [*extra, "--pretrain-steps", "0", "--grpo-steps", "0"], name=f"seed{seed}-sft-only")
-    scores = {}
-    for name in (f"seed{seed}", f"seed{seed}-sft-only"):
-        results = json.loads((workdir / name / "report/results.json").read_text(encoding="utf-8"))["results"]
-        sft = next(r for r in results if r["label"] == "sft")
-        scores[name] = [row["scores"]["exact_match"] for row in sorted(sft["rows"], key=lambda r: r["index"])]
-    with_pt, alone = scores[f"seed{seed}"], scores[f"seed{seed}-sft-only"]
-    delta, lo, hi = paired_delta_ci(with_pt, alone, num_samples=NUM_BOOTSTRAP, confidence=CONFIDENCE, seed=SEED)
-    sft_alone = next(r for r in without if r["stage"] == "sft")
-    return {"bench": "demo", "seed": seed, "stage": "pretrain -> sft (ablation)",
-            "sft_exact_match_after_pretrain": sum(with_pt) / len(with_pt),
-            "sft_exact_match_on_base": sum(alone) / len(alone), "delta": delta, "ci": [lo, hi],
-            "sft_alone_train_wall_s": sft_alone["train_wall_s"], "rows": len(alone)}
+def ablation_line(seed: int, workdir: Path) -> dict | None:
+    """What pretraining gave SFT in this seed's demo (its stages.json `ablation`), as one line."""
+    table = workdir / f"seed{seed}" / "stages.json"
+    if not table.exists():
+        return None
+    ablation = json.loads(table.read_text(encoding="utf-8")).get("ablation")
+    return None if ablation is None else {"bench": "demo", "seed": seed, "stage": "pretrain -> sft (ablation)", **ablation}
 
 
 def _change(entry: dict | None, scale: float, unit: str, digits: int = 1) -> str:
@@ -88,27 +76,29 @@ def markdown(paths: list[Path]) -> str:
     """The per-stage table (one row per seed and stage) from the JSON lines this script printed."""
     lines_in = [json.loads(line) for p in paths for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     ablation = [r for r in lines_in if r["stage"] == "pretrain -> sft (ablation)"]
-    rows = [r for r in lines_in if r not in ablation and r.get("run", f"seed{r['seed']}") == f"seed{r['seed']}"]
-    lines = ["| seed | stage | exact match | change vs previous stage (95% CI) | domain ppl | change vs previous "
-             "(95% CI) | train wall s | train CPU s | eval wall s | eval CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [r for r in lines_in if r not in ablation]
+    lines = ["| seed | stage | exact match | change vs previous stage (95% CI) | island right | domain ppl | change vs "
+             "previous (95% CI) | train wall s | train CPU s | eval wall s | eval CPU s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["seed"], r["stage"] == "whole demo")):
         if r["stage"] == "whole demo":
-            lines.append(f"| {r['seed']} | **whole demo** (exit {r['exit_code']}) | | | | | {r['wall_s']:.0f} | "
+            lines.append(f"| {r['seed']} | **whole demo** (exit {r['exit_code']}) | | | | | | {r['wall_s']:.0f} | "
                          f"{r['cpu_s']:.0f} | | |")
             continue
         lines.append(
             f"| {r['seed']} | {r['stage']} | {100 * r['exact_match']:.1f}% | "
-            f"{_change(r.get('exact_match_delta'), 100, ' pt')} | {r['domain text perplexity']:.2f} | "
+            f"{_change(r.get('exact_match_delta'), 100, ' pt')} | {100 * r['island_right']:.1f}% | "
+            f"{r['domain text perplexity']:.2f} | "
             f"{_change(r.get('domain text perplexity_delta'), 1, '', 2)} | {r['train_wall_s']:.0f} | "
             f"{r['train_cpu_s']:.0f} | {r.get('eval_wall_s', 0):.0f} | {r.get('eval_cpu_s', 0):.0f} |")
     if ablation:
-        lines += ["", "| seed | SFT exact match after pretrain | SFT exact match on the base | change (95% CI) |",
-                  "|---|---|---|---|"]
+        lines += ["", "| seed | SFT exact match after pretrain | SFT exact match on the base | change (95% CI) | "
+                  "island right after pretrain | island right on the base | change (95% CI) |", "|---|---|---|---|---|---|---|"]
         for r in sorted(ablation, key=lambda r: r["seed"]):
-            lo, hi = r["ci"]
-            lines.append(f"| {r['seed']} | {100 * r['sft_exact_match_after_pretrain']:.1f}% | "
-                         f"{100 * r['sft_exact_match_on_base']:.1f}% | {100 * r['delta']:+.1f} pt ({100 * lo:+.1f} "
-                         f"to {100 * hi:+.1f}) |")
+            em, isl = r["exact_match"], r["tunesmith.demo:island_right"]
+            lines.append(f"| {r['seed']} | {100 * em['with']:.1f}% | {100 * em['without']:.1f}% | "
+                         f"{_change(em, 100, ' pt')} | {100 * isl['with']:.1f}% | {100 * isl['without']:.1f}% | "
+                         f"{_change(isl, 100, ' pt')} |")
     return "\n".join(lines)
 
 
@@ -129,11 +119,13 @@ def main() -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     failed = 0
     for seed in args.seeds:
-        for row in run_seed(seed, args.workdir, args.demo_args):
+        extra = [*args.demo_args, *(["--ablate-pretrain"] if args.ablate_pretrain else [])]
+        for row in run_seed(seed, args.workdir, extra):
             print_line(row)
             failed += bool(row.get("exit_code"))
-        if args.ablate_pretrain:
-            print_line(pretrain_effect(seed, args.workdir, args.demo_args))
+        ablation = ablation_line(seed, args.workdir) if args.ablate_pretrain else None
+        if ablation is not None:
+            print_line(ablation)
     print(f"wrote: {', '.join(str(args.workdir / f'seed{s}') for s in args.seeds)} (runs, stages.json, logs)",
           file=sys.stderr)
     return 1 if failed else 0
