@@ -151,6 +151,20 @@ def test_held_out_text_perplexity_is_a_measure_of_the_chain(tmp_path: Path) -> N
     assert EvalResult.from_dict(saved["results"][1]).text_losses == results[1].text_losses
 
 
+def test_the_legend_explains_only_the_perplexities_measured(tmp_path: Path) -> None:
+    results = [_with_text(label) for label in ("base", "pretrain")]
+    for r in results:  # answers scored, their reference answers' perplexity not measured (`eval --no-perplexity`)
+        r.perplexity = r.mean_loss = None
+        for row in r.rows:
+            row.answer_loss, row.answer_tokens = None, 0
+    examples = [EvalExample(index=i, location=f"test.jsonl line {i + 1}", reference="{}", prompt="q",
+                            messages=[{"role": "user", "content": "q"}]) for i in range(NUM_ROWS)]
+    page = write_report(results, examples, tmp_path / "text", chain=True, title="chain").read_text()
+    assert "Perplexity is that of the reference answers" not in page and "Held-out text perplexity is" in page
+    page = write_report(_chain("base", "sft"), examples, tmp_path / "answers", title="t").read_text()
+    assert "Perplexity is that of the reference answers" in page and "Held-out text perplexity is" not in page
+
+
 def test_results_without_held_out_text_have_no_such_measure() -> None:
     c = compare_results(_chain("base", "sft"), chain=True)
     assert [m.name for m in c.measures] == ["exact_match", "perplexity"]

@@ -715,6 +715,7 @@ def _scores_table(c: Comparison) -> dict[str, Any]:
         "confidence": int(CONFIDENCE * 100),
         "num_bootstrap": NUM_BOOTSTRAP,
         "win_rate": any(m.name == WIN_RATE for m in c.measures),
+        "answer_perplexity": ppl is not None,
         "perplexity_without_interval": ppl is not None and any(
             s.delta is not None and s.delta_lo is None for s in ppl.scores.values()
         ),
