@@ -394,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     ablation = None
     if args.ablate_pretrain:
         print("\nablation: the same SFT on the base model alone, to see what pretraining gave it", flush=True)
-        alone = train_stage(out, "sft", stages[0], plan[1][2], name=ABLATION)
+        sft_settings = next(settings for method, _, settings in plan if method == "sft")
+        alone = train_stage(out, "sft", stages[0], sft_settings, name=ABLATION)
         evaluate_stage(out, alone)
         ablation = pretrain_ablation(out, alone, next(s for s in stages if s.label == "sft"))
 
