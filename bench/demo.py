@@ -33,8 +33,12 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+ABLATION_STAGE = "pretrain -> sft (ablation)"
+
+
 def run_seed(seed: int, workdir: Path, extra: list[str]) -> list[dict]:
-    """One demo run; its stages.json rows, each with the seed, plus one row for the whole run."""
+    """One demo run; its stages.json rows (and its pretraining ablation, when it ran one), each with the seed, plus
+    one row for the whole run."""
     name = f"seed{seed}"
     out = workdir / name
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -51,17 +55,11 @@ def run_seed(seed: int, workdir: Path, extra: list[str]) -> list[dict]:
     table = out / "stages.json"
     if not table.exists():
         return [{**total, "error": f"no {table}: see {log}"}]
-    rows = [{"bench": "demo", "seed": seed, "run": name, **row} for row in json.loads(table.read_text(encoding="utf-8"))["stages"]]
+    summary = json.loads(table.read_text(encoding="utf-8"))
+    rows = [{"bench": "demo", "seed": seed, "run": name, **row} for row in summary["stages"]]
+    if "ablation" in summary:  # --ablate-pretrain: what pretraining gave SFT
+        rows.append({"bench": "demo", "seed": seed, "run": name, "stage": ABLATION_STAGE, **summary["ablation"]})
     return [*rows, total]
-
-
-def ablation_line(seed: int, workdir: Path) -> dict | None:
-    """What pretraining gave SFT in this seed's demo (its stages.json `ablation`), as one line."""
-    table = workdir / f"seed{seed}" / "stages.json"
-    if not table.exists():
-        return None
-    ablation = json.loads(table.read_text(encoding="utf-8")).get("ablation")
-    return None if ablation is None else {"bench": "demo", "seed": seed, "stage": "pretrain -> sft (ablation)", **ablation}
 
 
 def _change(entry: dict | None, scale: float, unit: str, digits: int = 1) -> str:
@@ -75,7 +73,7 @@ def _change(entry: dict | None, scale: float, unit: str, digits: int = 1) -> str
 def markdown(paths: list[Path]) -> str:
     """The per-stage table (one row per seed and stage) from the JSON lines this script printed."""
     lines_in = [json.loads(line) for p in paths for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    ablation = [r for r in lines_in if r["stage"] == "pretrain -> sft (ablation)"]
+    ablation = [r for r in lines_in if r["stage"] == ABLATION_STAGE]
     rows = [r for r in lines_in if r not in ablation]
     lines = ["| seed | stage | exact match | change vs previous stage (95% CI) | island right | domain ppl | change vs "
              "previous (95% CI) | train wall s | train CPU s | eval wall s | eval CPU s |",
@@ -123,9 +121,6 @@ def main() -> int:
         for row in run_seed(seed, args.workdir, extra):
             print_line(row)
             failed += bool(row.get("exit_code"))
-        ablation = ablation_line(seed, args.workdir) if args.ablate_pretrain else None
-        if ablation is not None:
-            print_line(ablation)
     print(f"wrote: {', '.join(str(args.workdir / f'seed{s}') for s in args.seeds)} (runs, stages.json, logs)",
           file=sys.stderr)
     return 1 if failed else 0
