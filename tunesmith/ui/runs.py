@@ -89,6 +89,7 @@ class _Progress:
 
 T = TypeVar("T")
 _cache: dict[tuple[Path, Callable], tuple[int, int, Any]] = {}
+CACHE_FILES = 512  # parsed files kept; past it, those of deleted runs go first, then the least recently read
 
 
 def _parsed(path: Path, parse: Callable[[str], T], missing: T) -> T:
@@ -97,17 +98,30 @@ def _parsed(path: Path, parse: Callable[[str], T], missing: T) -> T:
     try:
         stat = path.stat()
     except OSError:
+        _cache.pop((path, parse), None)
         return missing
     key = (stat.st_size, stat.st_mtime_ns)
-    cached = _cache.get((path, parse))
+    cached = _cache.pop((path, parse), None)  # put back last: the dict's order is the order of use
     if cached is not None and cached[:2] == key:
+        _cache[(path, parse)] = cached
         return cached[2]
     try:
         value = parse(path.read_text(encoding="utf-8", errors="replace"))
     except OSError:
         return missing
     _cache[(path, parse)] = (*key, value)
+    if len(_cache) > CACHE_FILES:
+        _forget_some()
     return value
+
+
+def _forget_some() -> None:
+    """Bring the cache back to CACHE_FILES: first the files that are gone (deleted runs), then the least recently
+    read."""
+    for cache_key in [k for k in _cache if not k[0].exists()]:
+        del _cache[cache_key]
+    while len(_cache) > CACHE_FILES:
+        del _cache[next(iter(_cache))]
 
 
 def progress_of(run_dir: Path) -> _Progress:
