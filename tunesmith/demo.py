@@ -372,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
             "data": {"train": str(out / "data/prompts.jsonl")},
             "rl": {"rewards": ["tunesmith.demo:register_check"], "group_size": GRPO_GROUP,
                    "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0, "update_epochs": 1, "micro_batch_size": 8,
+                   # nucleus sampling: at top_p 1, 5-17 % of the logged answers named no island at all ("Hydra",
+                   # "S aperture": the SFT model's long tail), so a group's reward weighed junk against islands and
+                   # what GRPO learnt leaned to one island for every town; at 0.9, 0-15 %, and GRPO's gain on seed 1
+                   # went from +12.5 points (interval touching zero) to +14.8 (+2.3 to +28.1)
+                   "top_p": 0.9,
                    # no KL penalty (as Dr. GRPO and DAPO): it spares the reference model's forward pass, a third of
                    # each step here, and the held-out domain perplexity shows whether the policy drifted
                    "kl_coef": 0.0, "samples_every": 4},
